@@ -1,0 +1,127 @@
+"""Helpers over ONNX graphs that every pass needs: walking subgraphs, counting, opsets."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    params: int  # elements in initializers and Constant nodes, subgraphs included
+    bytes: int  # serialized model size
+    nodes: int  # nodes, subgraphs included
+
+    def as_dict(self) -> dict:
+        return {"params": self.params, "bytes": self.bytes, "nodes": self.nodes}
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def walk_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph nested in it, outermost first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from walk_graphs(sub)
+
+
+def walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for g in walk_graphs(graph):
+        yield from g.node
+
+
+def tensor_elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+
+
+def constant_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and Constant-node values of the graph and its subgraphs."""
+    for g in walk_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        yield attr.t
+
+
+def model_stats(model: onnx.ModelProto) -> ModelStats:
+    params = sum(tensor_elements(t) for t in constant_tensors(model.graph))
+    nodes = sum(1 for _ in walk_nodes(model.graph))
+    return ModelStats(params=params, bytes=model.ByteSize(), nodes=nodes)
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in ((domain, "ai.onnx") if domain == "" else (domain,)):
+            return entry.version
+    return None
+
+
+def op_histogram(model: onnx.ModelProto) -> Counter:
+    return Counter((f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type) for n in walk_nodes(model.graph))
+
+
+def outer_scope_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads without defining them: what it captures from enclosing graphs."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(name for name in node.input if name)
+        for sub in subgraphs(node):
+            used |= outer_scope_names(sub)
+        defined.update(node.output)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by the graph's nodes, by its subgraphs from this scope, or as an output."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(name for name in node.input if name)
+        for sub in subgraphs(node):
+            names |= outer_scope_names(sub)
+    return names
+
+
+def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(tensor)
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def all_names(model: onnx.ModelProto) -> set[str]:
+    names: set[str] = set()
+    for g in walk_graphs(model.graph):
+        names.update(i.name for i in g.input)
+        names.update(t.name for t in g.initializer)
+        for node in g.node:
+            names.update(node.output)
+            names.add(node.name)
+    return names
+
+
+def uses_domain(model: onnx.ModelProto, domain: str) -> bool:
+    return any(n.domain == domain for n in walk_nodes(model.graph))

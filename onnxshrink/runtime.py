@@ -1,0 +1,71 @@
+"""Building onnxruntime sessions for models in memory, with our op library where a model needs it."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import OnnxShrinkError
+from .io import save
+
+DOMAIN = "ai.onnxshrink"
+_INLINE_LIMIT = 2**31 - 2**26
+
+
+def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    options.log_severity_level = 3
+    return options
+
+
+def make_session(model: onnx.ModelProto, threads: int | None = None, optimization: str = "all") -> ort.InferenceSession:
+    """An InferenceSession on the CPU; registers the onnxshrink op library when the model uses its ops."""
+    options = session_options(threads, optimization)
+    if any(entry.domain == DOMAIN for entry in model.opset_import):
+        from .ops import library_path
+
+        options.register_custom_ops_library(library_path())
+    try:
+        if model.ByteSize() < _INLINE_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as folder:
+            path = save(model, Path(folder) / "model.onnx")
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented, ort.capi.onnxruntime_pybind11_state.InvalidArgument) as exc:
+        raise OnnxShrinkError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def run_all(session: ort.InferenceSession, feeds) -> list[list[np.ndarray]]:
+    """Outputs of every feed, in the session's output order."""
+    try:
+        return [session.run(None, feed) for feed in feeds]
+    except Exception as exc:  # ORT raises its own exception types for bad feeds and kernel failures
+        raise OnnxShrinkError(f"onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
+
+
+def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict, repeats: int = 30, warmup: int = 3) -> list[float]:
+    """Median seconds per run of each session, timed in turn so that machine noise hits all alike."""
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, feed)
+    times = [[] for _ in sessions]
+    for _ in range(repeats):
+        for index, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[index].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
