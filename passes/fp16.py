@@ -24,7 +24,7 @@ from onnxshrink.registry import register_pass
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 _FP16_MAX = float(np.finfo(np.float16).max)
-# Type-generic data movement: worth running in float16 only when its input already is.
+# Type-generic data movement: in fp16 mode it runs in float16 only when its input already is.
 _DATA_MOVEMENT = {"Concat", "Reshape", "Transpose", "Slice", "Gather", "GatherElements", "GatherND", "Squeeze",
                   "Unsqueeze", "Flatten", "Split", "Identity", "Expand", "Tile", "Pad", "DepthToSpace",
                   "SpaceToDepth", "ScatterND", "ScatterElements", "Where", "Cast", "Shape", "Size"}
@@ -36,9 +36,10 @@ class Float16(Pass):
 
     @dataclass(frozen=True)
     class Options(PassOptions):
-        compute: str = option("auto", "auto: float16 compute where the provider has a float16 kernel (data movement "
-                              "only when fed float16); storage: float16 weights, all compute float32",
-                              choices=("auto", "storage"))
+        compute: str = option("auto", "auto: float16 compute only where no cast is added in front (on an x86 CPU, "
+                              "with almost no float16 kernels, this stores weights in float16 and computes in "
+                              "float32); fp16: every node with a float16 kernel; storage: all compute float32",
+                              choices=("auto", "fp16", "storage"))
         keep_io_types: bool = option(True, "keep float32 model inputs and outputs (casts at the boundary)")
         min_elements: int = option(16, "initializers with fewer elements stay float32", low=0)
         provider: str = option("CPUExecutionProvider", "execution provider whose float16 kernels decide the compute type")
@@ -54,7 +55,7 @@ class Float16(Pass):
         captured = {name for node in graph.node for sub in subgraphs(node) for name in outer_scope_names(sub)}
         notes: list[Note] = []
         kernels = _fp16_kernels(self.options.provider)
-        if not kernels and self.options.compute == "auto":
+        if not kernels and self.options.compute != "storage":
             notes.append(Note("(graph)", f"no float16 kernels registered for {self.options.provider}: storage only"))
 
         names = all_names(model)
@@ -94,10 +95,12 @@ class Float16(Pass):
         opset = opset_version(model)
         converted = 0
         for node in graph.node:
-            plan = _half_plan(node, types, kernels, opset, captured) if self.options.compute == "auto" else None
-            if plan and node.op_type in _DATA_MOVEMENT:
-                float_inputs = [n for i, n in enumerate(node.input) if n and plan["inputs"].get(i)]
-                if not float_inputs or not all(n in is_half for n in float_inputs):
+            plan = _half_plan(node, types, kernels, opset, captured) if self.options.compute != "storage" else None
+            if plan and (self.options.compute == "auto" or node.op_type in _DATA_MOVEMENT):
+                # Only where the float16 data is already there: a lone float16 node between
+                # float32 ones costs two casts and gains nothing.
+                activations = [n for i, n in enumerate(node.input) if n and plan["inputs"].get(i) and n not in initializers]
+                if not activations or not all(n in is_half for n in activations):
                     plan = None
             for index, name in enumerate(node.input):
                 if not name or types.get(name) not in (FLOAT, HALF):
