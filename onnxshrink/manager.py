@@ -18,7 +18,7 @@ from .io import load
 from .memory import PeakMemory
 from .pass_base import Note, Pass, PassContext
 from .pipeline import Pipeline, parse_pipeline
-from .runtime import make_session, run_all
+from .runtime import adapt_feeds, make_session, run_all
 
 log = logging.getLogger("onnxshrink")
 
@@ -143,7 +143,8 @@ def _run_step(step: Pass, model, context, strict_check, names, reference, feeds,
     problem = _validity_problem(result.model, strict_check)
     if problem is None:
         try:
-            outputs = run_all(make_session(result.model), feeds)
+            session = make_session(result.model)
+            outputs = run_all(session, adapt_feeds(feeds, session))
         except OnnxShrinkError as exc:
             problem = f"does not run in onnxruntime ({exc})"
     if problem is not None:

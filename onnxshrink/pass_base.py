@@ -52,10 +52,7 @@ class PassResult:
     before: ModelStats
     after: ModelStats
     notes: list[Note]
-
-    @property
-    def modified(self) -> bool:
-        return self.before != self.after or any(not n.message.startswith("skipped") for n in self.notes)
+    modified: bool
 
 
 class Pass:
@@ -79,7 +76,8 @@ class Pass:
         context = context or PassContext()
         before = model_stats(model)
         output = self.run(load(model), context)
-        return PassResult(self.name, self.options, output.model, before, model_stats(output.model), output.notes)
+        modified = output.model != model  # protobuf equality: any change to the graph counts
+        return PassResult(self.name, self.options, output.model, before, model_stats(output.model), output.notes, modified)
 
     def spec(self) -> str:
         from .pipeline import format_pass

@@ -57,15 +57,28 @@ def run_all(session: ort.InferenceSession, feeds) -> list[list[np.ndarray]]:
         raise OnnxShrinkError(f"onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
 
 
-def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict, repeats: int = 30, warmup: int = 3) -> list[float]:
-    """Median seconds per run of each session, timed in turn so that machine noise hits all alike."""
-    for session in sessions:
+def adapt_feeds(feeds: list[dict], session) -> list[dict]:
+    """Cast float feeds to a candidate's float input type (a pass may make the model take float16)."""
+    wanted = {i.name: i.type for i in session.get_inputs()}
+    dtypes = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
+    def adapt(name, value):
+        target = dtypes.get(wanted.get(name))
+        return value.astype(target) if target is not None and value.dtype.kind == "f" and value.dtype != target else value
+    return [{name: adapt(name, value) for name, value in feed.items()} for feed in feeds]
+
+
+def interleaved_latency(sessions: list[ort.InferenceSession], feed, repeats: int = 30, warmup: int = 3) -> list[float]:
+    """Median seconds per run of each session, timed in turn so that machine noise hits all alike.
+
+    `feed` is one feed for all sessions, or a list with one feed per session."""
+    feeds = feed if isinstance(feed, list) else [feed] * len(sessions)
+    for session, feed in zip(sessions, feeds):
         for _ in range(warmup):
             session.run(None, feed)
     times = [[] for _ in sessions]
     for _ in range(repeats):
         for index, session in enumerate(sessions):
             start = time.perf_counter()
-            session.run(None, feed)
+            session.run(None, feeds[index])
             times[index].append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]

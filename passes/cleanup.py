@@ -66,21 +66,28 @@ def _bypass_identities(graph: gs.Graph) -> list[Note]:
         source, target = node.inputs[0], node.outputs[0]
         if id(target) not in graph_outputs:
             for consumer in list(target.outputs):
-                consumer.inputs[:] = [source if t is target else t for t in consumer.inputs]
+                _replace(consumer.inputs, target, source)
         elif (not isinstance(source, gs.Constant) and id(source) not in graph_inputs and id(source) not in graph_outputs
               and len(source.inputs) == 1):
             # The Identity names a graph output: let the producer write that name directly.
             producer = source.inputs[0]
             for consumer in list(source.outputs):
                 if consumer is not node:
-                    consumer.inputs[:] = [target if t is source else t for t in consumer.inputs]
-            producer.outputs[:] = [target if t is source else t for t in producer.outputs]
+                    _replace(consumer.inputs, source, target)
+            _replace(producer.outputs, source, target)
         else:
             continue
         node.outputs.clear()
         node.inputs.clear()
         notes.append(Note(node.name or target.name, "removed Identity"))
     return notes
+
+
+def _replace(tensors, old: gs.Tensor, new: gs.Tensor) -> None:
+    # Index assignment keeps graphsurgeon's producer/consumer links in sync.
+    for index, tensor in enumerate(tensors):
+        if tensor is old:
+            tensors[index] = new
 
 
 def _fold(graph: gs.Graph, notes: list[Note], size_threshold: int | None) -> gs.Graph:
