@@ -87,8 +87,10 @@ def _compress(args) -> int:
     from .manager import compress
     from .pipeline import load_recipe
 
-    if args.output and Path(args.output).resolve() == Path(args.model).resolve():
+    if Path(args.output).resolve() == Path(args.model).resolve():
         raise UsageError("the output path is the input path; onnxshrink never overwrites its input")
+    if not Path(args.output).resolve().parent.is_dir():
+        raise OnnxShrinkError(f"{args.output}: output folder does not exist")
     if args.recipe:
         recipe = load_recipe(args.recipe)
         pipeline, drift, samples = recipe.pipeline, args.max_drift or recipe.max_drift, args.samples or recipe.samples

@@ -53,6 +53,9 @@ class Cleanup(Pass):
         else:
             result = export_model(graph, model)
         _drop_stale_value_info(result)
+        before, after = model_stats(model), model_stats(result)
+        if after.nodes >= before.nodes and after.params >= before.params and after.bytes >= before.bytes:
+            return PassOutput(model, [Note("(graph)", "nothing to clean")])  # a re-export alone is no gain
         return PassOutput(result, notes)
 
 
