@@ -27,6 +27,7 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple  # ints for fixed dims, None for dynamic ones
+    dim_names: tuple = ()  # the dynamic dims' symbolic names (dim_param), None where unnamed
 
     @property
     def batch_first(self) -> bool:
@@ -45,7 +46,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                       for d in tensor_type.shape.dim) if tensor_type.HasField("shape") else None
-        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+        names = tuple(d.dim_param or None for d in tensor_type.shape.dim) if tensor_type.HasField("shape") else ()
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape, names))
     return specs
 
 
@@ -191,12 +193,21 @@ def _npy_header(archive: zipfile.ZipFile, member: str):
 
 
 def synthesize(inputs: list[InputSpec], count: int, seed: int = 0) -> Iterator[Feed]:
-    """Stand-in feeds from the declared types: normal floats, ones for integers (safe as ids and masks)."""
+    """Stand-in feeds from the declared types: normal floats, ones for integers (safe as ids and masks).
+
+    A symbolic dim gets one value across all inputs (a batch dim shared by an input and an RNN
+    state must agree): 1 where it is a batch dim, else 32."""
     rng = np.random.default_rng(seed)
+    batch_like = {spec.dim_names[0] for spec in inputs if spec.dim_names and spec.dim_names[0]}
+    def size(name, axis):
+        if name:
+            return 1 if name in batch_like or "batch" in name.lower() else 32
+        return 1 if axis == 0 else 32
     for _ in range(count):
         feed = {}
         for spec in inputs:
-            shape = tuple(d if d is not None else (1 if axis == 0 else 32) for axis, d in enumerate(spec.shape or ()))
+            names = spec.dim_names or (None,) * len(spec.shape or ())
+            shape = tuple(d if d is not None else size(names[axis], axis) for axis, d in enumerate(spec.shape or ()))
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif spec.dtype.kind == "b":
@@ -204,4 +215,3 @@ def synthesize(inputs: list[InputSpec], count: int, seed: int = 0) -> Iterator[F
             else:
                 feed[spec.name] = np.ones(shape, dtype=spec.dtype)
         yield feed
-

@@ -111,7 +111,13 @@ def compress(model, pipeline, calibration=None, max_drift: str | None = None, sa
     strict_check = _passes_full_check(current)
     reference_session = make_session(current)
     names = [o.name for o in reference_session.get_outputs()]
-    reference = run_all(reference_session, feeds)
+    try:
+        reference = run_all(reference_session, feeds)
+    except OnnxShrinkError as exc:
+        if data.real:
+            raise
+        raise OnnxShrinkError(f"synthesized inputs do not run this model ({str(exc)[:160]}); give real inputs "
+                              "with --calib (an .npz of stacked samples also serves scalar and RNN-state inputs)") from None
     del reference_session
 
     original = model_stats(current)

@@ -14,6 +14,9 @@ from .errors import OnnxShrinkError
 from .io import save
 
 DOMAIN = "ai.onnxshrink"
+# onnxruntime logs to stderr on its own; our errors carry its message in one line instead.
+# This also quiets the sessions graphsurgeon creates for constant folding.
+ort.set_default_logger_severity(4)
 _INLINE_LIMIT = 2**31 - 2**26
 
 
@@ -27,7 +30,7 @@ def session_options(threads: int | None = None, optimization: str = "all") -> or
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     return options
 
 

@@ -7,6 +7,16 @@ import onnx_graphsurgeon as gs
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    # Some exporters repeat a graph output in value_info with less information (no shape);
+    # graphsurgeon would let that entry replace the declared output type.
+    declared = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    if any(v.name in declared for v in model.graph.value_info):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        keep = [v for v in copy.graph.value_info if v.name not in declared]
+        del copy.graph.value_info[:]
+        copy.graph.value_info.extend(keep)
+        model = copy
     return gs.import_onnx(model)
 
 

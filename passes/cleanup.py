@@ -41,21 +41,24 @@ class Cleanup(Pass):
         if self.options.remove_identity:
             notes += _bypass_identities(graph)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        unfolded = export_model(graph, model)
+        result = unfolded
         if self.options.fold_constants:
-            folded = _fold(graph, notes, size_threshold=None)
-            result = export_model(folded, model)
-            if model_stats(result).bytes > model.ByteSize():  # a fold that grew the file: redo with a size cap
-                graph = import_graph(model)
-                if self.options.remove_identity:
-                    _bypass_identities(graph)
-                graph.cleanup(remove_unused_graph_inputs=False).toposort()
-                result = export_model(_fold(graph, notes, size_threshold=64 * 1024), model)
-        else:
-            result = export_model(graph, model)
+            for size_threshold in (None, 64 * 1024):  # a fold that grows the file is redone with a size cap
+                folded = export_model(_fold(import_graph(unfolded), notes, size_threshold), model)
+                problem = _invalid(folded)
+                if problem:
+                    notes.append(Note("(graph)", f"skipped constant folding: it gave an invalid graph ({problem})"))
+                    break
+                if model_stats(folded).bytes <= model.ByteSize():
+                    result = folded
+                    break
         _drop_stale_value_info(result)
         before, after = model_stats(model), model_stats(result)
-        if after.nodes >= before.nodes and after.params >= before.params and after.bytes >= before.bytes:
-            return PassOutput(model, [Note("(graph)", "nothing to clean")])  # a re-export alone is no gain
+        if after.bytes > before.bytes or (after.nodes, after.params) == (before.nodes, before.params):
+            # A re-export alone is no gain, and cleanup never makes the file larger.
+            return PassOutput(model, [Note("(graph)", "nothing to clean" if after.bytes <= before.bytes else
+                                           f"kept the input: the cleaned graph was {after.bytes - before.bytes} bytes larger")])
         return PassOutput(result, notes)
 
 
@@ -96,7 +99,10 @@ def _replace(tensors, old: gs.Tensor, new: gs.Tensor) -> None:
 def _fold(graph: gs.Graph, notes: list[Note], size_threshold: int | None) -> gs.Graph:
     before = len(graph.nodes)
     try:
-        graph.fold_constants(error_ok=True, size_threshold=size_threshold, should_exclude_node=_keep_unfolded)
+        # flatten_subgraphs inlines an If with a constant condition; on nested Ifs (Silero VAD)
+        # graphsurgeon leaves outputs unbound, so branches stay for the cleanup issue to handle.
+        graph.fold_constants(error_ok=True, size_threshold=size_threshold, should_exclude_node=_keep_unfolded,
+                             flatten_subgraphs=False)
     except Exception as exc:  # graphsurgeon's folding raises many types on exotic graphs; then we only clean
         notes.append(Note("(graph)", f"skipped constant folding: {str(exc).splitlines()[0][:200]}"))
         return graph
@@ -104,6 +110,14 @@ def _fold(graph: gs.Graph, notes: list[Note], size_threshold: int | None) -> gs.
     if len(graph.nodes) < before:
         notes.append(Note("(graph)", f"folded constants: {before - len(graph.nodes)} nodes fewer"))
     return graph
+
+
+def _invalid(model: onnx.ModelProto) -> str | None:
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        return str(exc).splitlines()[0][:200]
+    return None
 
 
 def _keep_unfolded(node: gs.Node) -> bool:

@@ -71,12 +71,12 @@ class Float16(Pass):
             if tensor.data_type != FLOAT or tensor.name in pinned:
                 continue
             array = numpy_helper.to_array(tensor)
-            if array.size < self.options.min_elements:
+            half = _half_array(array, self.options.min_elements)
+            if half is None:
+                if array.size >= self.options.min_elements:
+                    notes.append(Note(tensor.name, "skipped: values beyond float16 range, kept float32"))
                 continue
-            if array.size and np.max(np.abs(array)) > _FP16_MAX:
-                notes.append(Note(tensor.name, "skipped: values beyond float16 range, kept float32"))
-                continue
-            tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float16), tensor.name))
+            tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
             is_half.add(tensor.name)
 
         if not self.options.keep_io_types:
@@ -126,9 +126,72 @@ class Float16(Pass):
                 _retarget_output(value.name, declared, new_nodes, names)
         del graph.node[:]
         graph.node.extend(new_nodes)
+        # Weights read by subgraphs, and those inside them, keep their float32 name and type for
+        # the readers: stored float16 under a new name, a Cast restores the old one.
+        graph_io = {i.name for i in graph.input} | {o.name for o in graph.output}
+        stored = _store_half_with_cast(graph, names, self.options.min_elements,
+                                       only={n for n in captured if n in initializers and n not in graph_io})
+        for node in graph.node:
+            for sub in subgraphs(node):
+                stored += _store_half_in_subgraph(sub, names, self.options.min_elements)
+        if stored:
+            notes.append(Note("(subgraphs)", f"{stored} weights read in subgraphs stored float16 behind a Cast"))
         del graph.value_info[:]  # stale types; onnxruntime infers them again
         notes.append(Note("(graph)", f"{converted} nodes compute in float16, {len(half_of) + len(full_of)} casts added"))
         return PassOutput(model, notes)
+
+
+def _half_array(array: np.ndarray, min_elements: int) -> np.ndarray | None:
+    if array.dtype != np.float32 or array.size < min_elements:
+        return None
+    if array.size and np.max(np.abs(array)) > _FP16_MAX:
+        return None
+    return array.astype(np.float16)
+
+
+def _store_half_with_cast(graph: onnx.GraphProto, names: set, min_elements: int, only=None) -> int:
+    """Float32 initializers (all, or those in `only`) become float16 twins plus a Cast to the old name."""
+    casts, count = [], 0
+    for tensor in graph.initializer:
+        if tensor.data_type != FLOAT or (only is not None and tensor.name not in only):
+            continue
+        half = _half_array(numpy_helper.to_array(tensor), min_elements)
+        if half is None:
+            continue
+        original = tensor.name
+        twin = unique_name(f"{original}_fp16", names)
+        tensor.CopyFrom(numpy_helper.from_array(half, twin))
+        casts.append(helper.make_node("Cast", [twin], [original], name=unique_name(f"Cast_{original}", names), to=FLOAT))
+        count += 1
+    if casts:
+        nodes = casts + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def _store_half_in_subgraph(graph: onnx.GraphProto, names: set, min_elements: int) -> int:
+    count = _store_half_with_cast(graph, names, min_elements)
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for sub in subgraphs(node):
+            count += _store_half_in_subgraph(sub, names, min_elements)
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        half = _half_array(numpy_helper.to_array(value.t), min_elements) if value is not None else None
+        if half is None:
+            continue
+        original = node.output[0]
+        twin = unique_name(f"{original}_fp16", names)
+        value.t.CopyFrom(numpy_helper.from_array(half, value.t.name))
+        node.output[0] = twin
+        nodes.append(helper.make_node("Cast", [twin], [original], name=unique_name(f"Cast_{original}", names), to=FLOAT))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
 
 
 def _retarget_output(name: str, to: int, nodes: list, names: set) -> None:

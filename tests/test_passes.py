@@ -91,14 +91,16 @@ def test_fp16_without_io_casts_takes_float16_inputs():
     assert np.allclose(out, run(model, X)[0], atol=0.05, rtol=0.02)
 
 
-def test_fp16_leaves_tensors_captured_by_subgraphs_float32():
+def test_fp16_stores_weights_read_by_subgraphs_behind_a_cast():
     model = if_model()
     feed = {"x": np.ones((2, 8), np.float32)}
     result = onnxshrink.compress(model, "fp16", calibration=[feed, {"x": -feed["x"]}])
     (record,) = result.report.passes
     assert record.status == "applied", record.message
     weights = {t.name: t.data_type for t in result.model.graph.initializer}
-    assert weights["w"] == TensorProto.FLOAT and weights["w_out"] == TensorProto.FLOAT16
+    # the branch still reads float32 'w': a Cast in the outer graph makes it from the float16 twin
+    assert weights["w_fp16"] == TensorProto.FLOAT16 and weights["w_out"] == TensorProto.FLOAT16 and "w" not in weights
+    assert any(n.op_type == "Cast" and list(n.output) == ["w"] for n in result.model.graph.node)
     assert np.allclose(run(result.model, feed)[0], run(model, feed)[0])
 
 
