@@ -8,10 +8,6 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
-
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-
 
 @dataclass(frozen=True)
 class ModelStats:
@@ -89,20 +85,6 @@ def outer_scope_names(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
-def used_names(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read by the graph's nodes, by its subgraphs from this scope, or as an output."""
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(name for name in node.input if name)
-        for sub in subgraphs(node):
-            names |= outer_scope_names(sub)
-    return names
-
-
-def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(tensor)
-
-
 def unique_name(base: str, taken: set[str]) -> str:
     name, k = base, 0
     while name in taken:
@@ -121,7 +103,3 @@ def all_names(model: onnx.ModelProto) -> set[str]:
             names.update(node.output)
             names.add(node.name)
     return names
-
-
-def uses_domain(model: onnx.ModelProto, domain: str) -> bool:
-    return any(n.domain == domain for n in walk_nodes(model.graph))

@@ -53,11 +53,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def payload_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size, computed without serializing (works past 2 GiB)."""
-    return model.ByteSize()
-
-
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write `model` to `path` atomically: all of it or nothing, an old file untouched on failure.
 
@@ -70,7 +65,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory(dir=directory, prefix=f".{path.name}.") as staging:
         staged = Path(staging) / path.name
         copy = load(model)  # the caller's proto keeps its inline tensors
-        if payload_bytes(copy) > _PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN:
+        if copy.ByteSize() > _PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN:
             onnx.external_data_helper.convert_model_to_external_data(
                 copy, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024
             )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .calibration import CalibrationData, open_data
+from .calibration import open_data
 from .errors import OnnxShrinkError
 from .fidelity import Bound, output_metrics, parse_drift, summarize
 from .graph import ModelStats, model_stats

@@ -6,7 +6,6 @@ Passes are functional: `run` gets a private copy of the model and returns the mo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar
 
@@ -88,7 +87,3 @@ class Pass:
     def describe(cls) -> dict:
         return {"name": cls.name, "summary": cls.summary, "needs_data": cls.needs_data,
                 "options": cls.Options.describe()}
-
-
-def replace_options(options: PassOptions, **changes) -> PassOptions:
-    return dataclasses.replace(options, **changes)
