@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,9 +12,13 @@ import pytest
 from helpers import mlp_model
 
 
+# The installed console script, as a user runs it (`python -m onnxshrink` from the repository
+# root would import the source tree, where `passes/` is not yet `onnxshrink.passes`).
+ONNXSHRINK = str(Path(sys.executable).parent / "onnxshrink")
+
+
 def cli(*args, cwd=None):
-    proc = subprocess.run([sys.executable, "-m", "onnxshrink", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    proc = subprocess.run([ONNXSHRINK, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
     return proc.returncode, proc.stdout, proc.stderr
 
 
