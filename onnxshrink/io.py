@@ -64,8 +64,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         raise OnnxShrinkError(f"{path}: output folder {directory} does not exist")
     with tempfile.TemporaryDirectory(dir=directory, prefix=f".{path.name}.") as staging:
         staged = Path(staging) / path.name
-        copy = load(model)  # the caller's proto keeps its inline tensors
-        if copy.ByteSize() > _PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN:
+        if model.ByteSize() > _PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN:
+            copy = load(model)  # conversion rewrites tensors in place; the caller's proto keeps them inline
             onnx.external_data_helper.convert_model_to_external_data(
                 copy, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024
             )
@@ -73,7 +73,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
             _fsync(Path(staging) / (path.name + ".data"))
             os.replace(Path(staging) / (path.name + ".data"), directory / (path.name + ".data"))
         else:
-            staged.write_bytes(copy.SerializeToString())
+            staged.write_bytes(model.SerializeToString())
         _fsync(staged)
         os.replace(staged, path)
     return path

@@ -12,7 +12,7 @@ import onnx
 
 from .calibration import open_data
 from .errors import OnnxShrinkError
-from .fidelity import Bound, output_metrics, parse_drift, summarize
+from .fidelity import METRICS, Bound, output_metrics, parse_drift, summarize
 from .graph import ModelStats, model_stats
 from .io import load
 from .memory import PeakMemory
@@ -161,8 +161,7 @@ def _run_step(step: Pass, model, context, strict_check, names, reference, feeds,
     record.fidelity = summarize(record.per_output)
     broken = [b for b in bounds if b.holds(record.fidelity) is False]
     if broken:
-        key = {"cosine": "cosine", "top1": "top1", "max-abs": "max_abs", "max-rel": "max_rel"}
-        figures = "; ".join(f"{b.metric} {record.fidelity[key[b.metric]]:.6g} breaks {b}" for b in broken)
+        figures = "; ".join(f"{b.metric} {record.fidelity[METRICS[b.metric]]:.6g} breaks {b}" for b in broken)
         record.status, record.message = "rolled back", f"rolled back {step.spec()}: {figures}"
         log.warning("%s", record.message)
     return record, result.model

@@ -12,8 +12,8 @@ import onnxruntime as ort
 
 from .errors import OnnxShrinkError
 from .io import save
+from .ops import DOMAIN, library_path
 
-DOMAIN = "ai.onnxshrink"
 # onnxruntime logs to stderr on its own; our errors carry its message in one line instead.
 # This also quiets the sessions graphsurgeon creates for constant folding.
 ort.set_default_logger_severity(4)
@@ -38,8 +38,6 @@ def make_session(model: onnx.ModelProto, threads: int | None = None, optimizatio
     """An InferenceSession on the CPU; registers the onnxshrink op library when the model uses its ops."""
     options = session_options(threads, optimization)
     if any(entry.domain == DOMAIN for entry in model.opset_import):
-        from .ops import library_path
-
         options.register_custom_ops_library(library_path())
     try:
         if model.ByteSize() < _INLINE_LIMIT:

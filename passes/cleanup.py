@@ -45,13 +45,15 @@ class Cleanup(Pass):
         result = unfolded
         if self.options.fold_constants:
             for size_threshold in (None, 64 * 1024):  # a fold that grows the file is redone with a size cap
-                folded = export_model(_fold(import_graph(unfolded), notes, size_threshold), model)
+                folded_graph, fold_notes = _fold(import_graph(unfolded), size_threshold)
+                folded = export_model(folded_graph, model)
                 problem = _invalid(folded)
                 if problem:
                     notes.append(Note("(graph)", f"skipped constant folding: it gave an invalid graph ({problem})"))
                     break
                 if model_stats(folded).bytes <= model.ByteSize():
                     result = folded
+                    notes += fold_notes
                     break
         _drop_stale_value_info(result)
         before, after = model_stats(model), model_stats(result)
@@ -96,7 +98,7 @@ def _replace(tensors, old: gs.Tensor, new: gs.Tensor) -> None:
             tensors[index] = new
 
 
-def _fold(graph: gs.Graph, notes: list[Note], size_threshold: int | None) -> gs.Graph:
+def _fold(graph: gs.Graph, size_threshold: int | None) -> tuple[gs.Graph, list[Note]]:
     before = len(graph.nodes)
     try:
         # flatten_subgraphs inlines an If with a constant condition; on nested Ifs (Silero VAD)
@@ -104,12 +106,11 @@ def _fold(graph: gs.Graph, notes: list[Note], size_threshold: int | None) -> gs.
         graph.fold_constants(error_ok=True, size_threshold=size_threshold, should_exclude_node=_keep_unfolded,
                              flatten_subgraphs=False)
     except Exception as exc:  # graphsurgeon's folding raises many types on exotic graphs; then we only clean
-        notes.append(Note("(graph)", f"skipped constant folding: {str(exc).splitlines()[0][:200]}"))
-        return graph
+        return graph, [Note("(graph)", f"skipped constant folding: {str(exc).splitlines()[0][:200]}")]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     if len(graph.nodes) < before:
-        notes.append(Note("(graph)", f"folded constants: {before - len(graph.nodes)} nodes fewer"))
-    return graph
+        return graph, [Note("(graph)", f"folded constants: {before - len(graph.nodes)} nodes fewer")]
+    return graph, []
 
 
 def _invalid(model: onnx.ModelProto) -> str | None:
