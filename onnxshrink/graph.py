@@ -103,3 +103,19 @@ def all_names(model: onnx.ModelProto) -> set[str]:
             names.update(node.output)
             names.add(node.name)
     return names
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Turn the graph's own Constant nodes into initializers, so passes see one kind of constant."""
+    keep = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if value is not None and len(node.output) == 1:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)

@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.graph import all_names, opset_version, outer_scope_names, subgraphs, unique_name
+from onnxshrink.graph import all_names, constants_to_initializers, opset_version, outer_scope_names, subgraphs, unique_name
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
@@ -50,7 +50,7 @@ class Float16(Pass):
             raise OnnxShrinkError("fp16: the model imports no default-domain opset")
         if any(t.data_type == HALF for t in graph.initializer) and not any(t.data_type == FLOAT for t in graph.initializer):
             raise OnnxShrinkError("fp16: the model's weights are float16 already")
-        _constants_to_initializers(graph)
+        constants_to_initializers(graph)
         types = _tensor_types(model)
         captured = {name for node in graph.node for sub in subgraphs(node) for name in outer_scope_names(sub)}
         notes: list[Note] = []
@@ -282,21 +282,6 @@ def _fp16_kernels(provider: str) -> dict:
             if start <= since <= end:
                 table.setdefault((kernel.op_name, since), []).append(constraints)
     return table
-
-
-def _constants_to_initializers(graph: onnx.GraphProto) -> None:
-    keep = []
-    for node in graph.node:
-        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
-        if value is not None and len(node.output) == 1:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-        else:
-            keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:

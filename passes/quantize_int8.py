@@ -1,0 +1,508 @@
+"""`quantize-int8`: static QDQ quantization for stock onnxruntime.
+
+Activations get QuantizeLinear/DequantizeLinear pairs with ranges calibrated from streamed
+histograms; weights are stored int8 per channel behind a DequantizeLinear; biases int32.
+Placement follows what onnxruntime's CPU provider fuses into integer kernels (QLinearConv,
+QLinearMatMul, QLinearAdd, ...), so the result runs faster, not only smaller:
+
+* data-movement ops (MaxPool, Reshape, Resize, ...) reuse their input's scale, which lets ORT
+  drop the pair around them;
+* a Relu/Clip right after a compute node is folded into the output's range (no pair between);
+* graph outputs stay float, so one scale never squeezes quantities of different range together;
+* a Concat whose inputs' ranges differ by more than `concat_ratio` stays float for the same reason.
+
+Only the main graph is quantized; nodes in If/Loop/Scan bodies and recurrent ops stay float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxshrink.activations import stream_tensors
+from onnxshrink.errors import OnnxShrinkError
+from onnxshrink.graph import all_names, constants_to_initializers, opset_version, outer_scope_names, subgraphs, unique_name
+from onnxshrink.histogram import Histogram, calibrate
+from onnxshrink.options import PassOptions, option
+from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
+from onnxshrink.registry import register_pass
+
+# op -> positions of inputs that are quantized activations (None: all inputs)
+_WEIGHTED = {"Conv": (0,), "MatMul": (0, 1), "Gemm": (0,)}
+_COMPUTE = {"Add": None, "Mul": None, "Concat": None, "AveragePool": (0,), "GlobalAveragePool": (0,),
+            "Sigmoid": (0,), "LeakyRelu": (0,), "Softmax": (0,)}
+# Ops whose output takes the input's quantization parameters (ORT removes the pair around them).
+_PASSTHROUGH = {"MaxPool": (0,), "Resize": (0,), "Reshape": (0,), "Transpose": (0,), "Flatten": (0,),
+                "Squeeze": (0,), "Unsqueeze": (0,), "Slice": (0,), "Split": (0,), "Gather": (0,),
+                "DepthToSpace": (0,), "SpaceToDepth": (0,)}
+_FUSED_ACTIVATIONS = {"Relu", "Clip"}
+QUANTIZABLE = set(_WEIGHTED) | set(_COMPUTE) | set(_PASSTHROUGH) | _FUSED_ACTIVATIONS
+_ALREADY_QUANTIZED = {"QuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                      "DynamicQuantizeLinear", "MatMulNBits", "DynamicQuantizeMatMul"}
+
+
+@register_pass("quantize-int8")
+class QuantizeInt8(Pass):
+    summary = "Static int8 QDQ: calibrated activation ranges, per-channel int8 weights, placed for ORT's integer kernels."
+    needs_data = True
+
+    @dataclass(frozen=True)
+    class Options(PassOptions):
+        calibration: str = option("mse", "how activation ranges are chosen from the histograms",
+                                  choices=("minmax", "percentile", "entropy", "mse"))
+        percentile: float = option(99.999, "percentile of |x| kept when calibration=percentile", low=50, high=100)
+        activations: str = option("uint8", "activation type (uint8 uses x86's u8*s8 integer path)",
+                                  choices=("uint8", "int8"))
+        symmetric: bool = option(False, "symmetric activation ranges (zero point at the middle)")
+        per_channel: bool = option(True, "one weight scale per output channel (needs opset 13; older models are upgraded)")
+        bias_correction: bool = option(True, "shift biases by the weight rounding error times the mean layer input")
+        concat_ratio: float = option(16.0, "a Concat whose inputs' ranges differ by more than this stays float", low=1)
+        include: tuple[str, ...] = option((), "only these op types or node names (empty: every supported op)")
+        exclude: tuple[str, ...] = option((), "op types or node names left float")
+        max_samples: int = option(256, "calibration samples used at most", low=1)
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
+        opts = self.options
+        _refuse_unsupported(model)
+        notes: list[Note] = []
+        model = _ensure_opset(model, 13 if opts.per_channel else 10, notes)
+        graph = model.graph
+        constants_to_initializers(graph)
+        initializers = {t.name: t for t in graph.initializer}
+        nodes = [n for n in graph.node if self._selected(n)]
+        candidates = _candidate_tensors(nodes, initializers)
+        if not candidates:
+            notes.append(Note("(graph)", "no quantizable nodes"))
+            return PassOutput(model, notes)
+        if context.data is None:
+            raise OnnxShrinkError("quantize-int8 needs calibration data (--calib) to choose activation ranges")
+
+        stats = _calibrate(model, candidates, nodes, initializers, context, opts.max_samples)
+        plan = _plan(graph, nodes, initializers, stats, opts, notes)
+        _rewrite(model, plan, stats, opts, notes)
+        return PassOutput(model, notes)
+
+    def _selected(self, node: onnx.NodeProto) -> bool:
+        opts = self.options
+        if node.domain not in ("", "ai.onnx") or node.op_type not in QUANTIZABLE:
+            return False
+        if opts.include and node.op_type not in opts.include and node.name not in opts.include:
+            return False
+        return node.op_type not in opts.exclude and node.name not in opts.exclude
+
+
+def _refuse_unsupported(model: onnx.ModelProto) -> None:
+    ops = {n.op_type for n in model.graph.node}
+    found = sorted(ops & _ALREADY_QUANTIZED)
+    if found:
+        raise OnnxShrinkError(f"quantize-int8: the model is already quantized (it has {found[0]} nodes)")
+    if any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer) or any(
+            i.type.tensor_type.elem_type == TensorProto.FLOAT16 for i in model.graph.input):
+        raise OnnxShrinkError("quantize-int8: the model computes in float16; quantize the float32 model "
+                              "(run fp16 after quantize-int8, not before)")
+
+
+def _ensure_opset(model: onnx.ModelProto, needed: int, notes: list[Note]) -> onnx.ModelProto:
+    version = opset_version(model)
+    if version is None:
+        raise OnnxShrinkError("quantize-int8: the model imports no default-domain opset")
+    if version >= needed:
+        return model
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(model, needed)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # the converter raises several types for ops it cannot adapt
+        raise OnnxShrinkError(f"quantize-int8: needs opset {needed} (per-channel weights) and converting this "
+                              f"opset-{version} model failed: {str(exc).splitlines()[0][:200]}; "
+                              "try per_channel=false") from None
+    notes.append(Note("(graph)", f"opset {version} upgraded to {needed} for per-channel weights"))
+    return upgraded
+
+
+def _activation_inputs(node: onnx.NodeProto) -> tuple[int, ...]:
+    table = {**_WEIGHTED, **_COMPUTE, **_PASSTHROUGH}
+    positions = table.get(node.op_type, (0,))
+    return tuple(range(len(node.input))) if positions is None else positions
+
+
+def _candidate_tensors(nodes, initializers) -> list[str]:
+    """Every tensor whose range may be needed: activation inputs and outputs of selected nodes."""
+    names: dict[str, None] = {}
+    for node in nodes:
+        for position in _activation_inputs(node):
+            if position < len(node.input) and node.input[position] and node.input[position] not in initializers:
+                names[node.input[position]] = None
+        for output in node.output:
+            if output:
+                names[output] = None
+    return list(names)
+
+
+@dataclass
+class Stats:
+    histograms: dict[str, Histogram]
+    dtypes: dict[str, np.dtype]
+    channel_means: dict[str, np.ndarray]  # weighted node input -> mean per input channel
+
+
+def _channel_axis(node: onnx.NodeProto) -> int:
+    return 1 if node.op_type == "Conv" else -1
+
+
+def _calibrate(model, candidates, nodes, initializers, context: PassContext, max_samples: int) -> Stats:
+    histograms = {name: Histogram() for name in candidates}
+    dtypes: dict[str, np.dtype] = {}
+    mean_axes = {n.input[0]: _channel_axis(n) for n in nodes
+                 if n.op_type in _WEIGHTED and len(n.input) > 1 and n.input[1] in initializers}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    samples = (feed for index, feed in enumerate(context.data) if index < max_samples)
+    for values in stream_tensors(model, candidates, samples, progress=context.progress):
+        for name, value in values.items():
+            dtypes.setdefault(name, value.dtype)
+            if value.dtype != np.float32:
+                continue
+            histograms[name].update(value)
+            if name in mean_axes and value.ndim >= 2:
+                axis = mean_axes[name] % value.ndim
+                moved = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis]).astype(np.float64)
+                sums[name] = sums.get(name, 0) + moved.sum(axis=0)
+                counts[name] = counts.get(name, 0) + moved.shape[0]
+    if not dtypes:
+        raise OnnxShrinkError(f"{context.data.origin}: holds no samples")
+    means = {name: sums[name] / counts[name] for name in sums}
+    return Stats(histograms, dtypes, means)
+
+
+@dataclass
+class Plan:
+    nodes: list[onnx.NodeProto]  # quantized nodes, in graph order
+    tensors: dict[str, tuple[float, float]]  # activation tensor -> calibrated range
+    shared: dict[str, str]  # passthrough output -> the input whose parameters it reuses
+
+
+def _plan(graph, nodes, initializers, stats: Stats, opts, notes: list[Note]) -> Plan:
+    outputs = {o.name for o in graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def is_float(name):
+        return stats.dtypes.get(name) == np.float32 or (name in initializers and
+                                                         initializers[name].data_type == TensorProto.FLOAT)
+
+    def rng(name):
+        return calibrate(stats.histograms[name], opts.calibration, symmetric=opts.symmetric,
+                         percentile=opts.percentile)
+
+    chosen: list[onnx.NodeProto] = []
+    tensors: dict[str, tuple[float, float]] = {}
+    shared: dict[str, str] = {}
+    awaiting_activation: set[str] = set()  # compute outputs whose range the following Relu/Clip sets
+    for node in nodes:  # graph order: a passthrough sees whether its producer was quantized
+        inputs = [node.input[p] for p in _activation_inputs(node) if p < len(node.input) and node.input[p]]
+        if not inputs or not all(is_float(name) for name in inputs) or not all(is_float(o) for o in node.output):
+            continue
+        where = node.name or node.output[0]
+        if node.op_type in _WEIGHTED and not _weight_ok(node, initializers, where, notes):
+            continue
+        if node.op_type in _PASSTHROUGH:
+            if inputs[0] not in tensors:
+                continue  # nothing quantized feeds it: a pair here would only add work
+            for output in node.output:
+                shared[output] = inputs[0]
+            chosen.append(node)
+            continue
+        if node.op_type in _FUSED_ACTIVATIONS:
+            if inputs[0] not in awaiting_activation:
+                continue  # no quantized compute node in front to fuse into: stays float
+            chosen.append(node)
+            tensors[node.output[0]] = rng(node.output[0])
+            continue
+        activation_inputs = [n for n in inputs if n not in initializers]
+        if node.op_type == "Concat" and not _ranges_compatible([rng(n) for n in activation_inputs], opts.concat_ratio):
+            notes.append(Note(where, f"left float: its inputs' ranges differ by more than {opts.concat_ratio:g}x"))
+            continue
+        for name in activation_inputs:
+            tensors.setdefault(name, rng(name))
+        output = node.output[0]
+        if output in outputs:
+            chosen.append(node)  # its inputs are quantized; its output stays float
+            continue
+        followers = consumers.get(output, [])
+        if (len(followers) == 1 and followers[0].op_type in _FUSED_ACTIVATIONS and followers[0] in nodes
+                and (followers[0].op_type == "Relu" or _constant_clip(followers[0], initializers))):
+            awaiting_activation.add(output)
+            chosen.append(node)  # the activation's range covers this output (ORT fuses Relu into Q)
+            continue
+        tensors[output] = rng(output)
+        chosen.append(node)
+
+    chosen = _drop_useless(chosen, tensors, shared, consumers)
+    # A shared output reuses its source's range; drop those that lost their source or are graph outputs.
+    for output, source in list(shared.items()):
+        while source in shared:
+            source = shared[source]
+        if source not in tensors or output in outputs:
+            shared.pop(output)
+            continue
+        shared[output] = source
+    for output, source in shared.items():
+        tensors[output] = tensors[source]
+    return Plan(chosen, tensors, shared)
+
+
+def _drop_useless(chosen, tensors, shared, consumers) -> list:
+    """Unquantize outputs that no quantized node reads, and nodes left with no quantized output.
+
+    A pair that feeds only float nodes adds rounding error and work and enables no integer kernel.
+    Weighted nodes (and a Relu/Clip fused to one) keep their output pair anyway: it is what turns
+    them into integer kernels.
+    Consumers come after producers in graph order, so one backward sweep settles every chain."""
+    kept = {id(node) for node in chosen}
+    for node in reversed(chosen):
+        if node.op_type in _WEIGHTED or node.op_type in _FUSED_ACTIVATIONS:
+            continue
+        for output in node.output:
+            if output in tensors and not any(id(c) in kept for c in consumers.get(output, [])):
+                tensors.pop(output)
+                shared.pop(output, None)
+        if not any(output in tensors for output in node.output):
+            kept.discard(id(node))
+    survivors = [node for node in chosen if id(node) in kept]
+    # Inputs that only an unquantized node read lose their pair too.
+    touched = {name for node in survivors for name in (*node.input, *node.output)}
+    for name in list(tensors):
+        if name not in touched:
+            tensors.pop(name)
+    return survivors
+
+
+def _weight_ok(node, initializers, where, notes) -> bool:
+    if node.op_type == "MatMul":
+        return True  # a constant B becomes a per-channel weight; a computed B is a second activation
+    weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or weight.data_type != TensorProto.FLOAT:
+        notes.append(Note(where, "left float: its weight is not a float32 initializer"))
+        return False
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            notes.append(Note(where, "left float: Gemm with transA, alpha or beta"))
+            return False
+    return True
+
+
+def _constant_clip(node, initializers) -> bool:
+    """A Clip whose bounds are constants (it can then be folded into a quantization range)."""
+    return all(not name or name in initializers for name in node.input[1:])
+
+
+def _ranges_compatible(ranges, ratio: float) -> bool:
+    spans = [high - low for low, high in ranges if high > low]
+    return not spans or max(spans) <= ratio * min(spans)
+
+
+def _scale_zero_point(low: float, high: float, dtype: str, symmetric: bool):
+    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    if symmetric:
+        reach = max(abs(low), abs(high))
+        scale = reach / ((qmax - qmin) / 2) if reach > 0 else 1.0
+        zero_point = (qmin + qmax + 1) // 2
+    else:
+        scale = (high - low) / (qmax - qmin) if high > low else 1.0
+        zero_point = int(np.clip(round(qmin - low / scale), qmin, qmax))
+    return np.float32(scale), np.array(zero_point, dtype=np.uint8 if dtype == "uint8" else np.int8)
+
+
+def _rewrite(model: onnx.ModelProto, plan: Plan, stats: Stats, opts, notes: list[Note]) -> None:
+    graph = model.graph
+    names = all_names(model)
+    initializers = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    new_initializers: list[onnx.TensorProto] = []
+    head: list[onnx.NodeProto] = []  # DequantizeLinear of weights and of quantized graph inputs
+    after: dict[str, list[onnx.NodeProto]] = {}  # producer output -> its Q/DQ pair
+    renamed_inputs: dict[str, str] = {}
+    params: dict[str, tuple[str, str, float]] = {}  # tensor -> scale name, zero point name, scale
+
+    def add(array: np.ndarray, base: str) -> str:
+        name = unique_name(base, names)
+        new_initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def activation_params(tensor: str):
+        source = plan.shared.get(tensor, tensor)
+        if source not in params:
+            scale, zero_point = _scale_zero_point(*plan.tensors[source], opts.activations, opts.symmetric)
+            params[source] = (add(np.array(scale, np.float32), f"{source}_scale"),
+                              add(zero_point, f"{source}_zero_point"), float(scale))
+        return params[source]
+
+    # Activations: the producer writes T_float, Q/DQ recreate T, so every reader (subgraphs too) sees T.
+    for tensor in plan.tensors:
+        scale, zero_point, _ = activation_params(tensor)
+        quantized = unique_name(f"{tensor}_quantized", names)
+        if tensor in graph_inputs:
+            dequantized = unique_name(f"{tensor}_dequantized", names)
+            head += [helper.make_node("QuantizeLinear", [tensor, scale, zero_point], [quantized],
+                                      name=unique_name(f"{tensor}_Q", names)),
+                     helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [dequantized],
+                                      name=unique_name(f"{tensor}_DQ", names))]
+            renamed_inputs[tensor] = dequantized
+            continue
+        source = unique_name(f"{tensor}_float", names)
+        after[tensor] = [helper.make_node("QuantizeLinear", [source, scale, zero_point], [quantized],
+                                          name=unique_name(f"{tensor}_Q", names)),
+                         helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [tensor],
+                                          name=unique_name(f"{tensor}_DQ", names))]
+
+    # Weights and biases of Conv / Gemm / MatMul with a constant B.
+    quantized_nodes = {id(n) for n in plan.nodes}
+    for node in plan.nodes:
+        if node.op_type in _WEIGHTED and (node.op_type != "MatMul" or node.input[1] in initializers):
+            _quantize_weight(node, initializers, stats, activation_params, add, head, names, opts, notes)
+        elif node.op_type in ("Add", "Mul", "Concat"):
+            for position, name in enumerate(node.input):
+                if name in initializers and initializers[name].data_type == TensorProto.FLOAT:
+                    node.input[position] = _quantized_constant(initializers[name], add, head, names, opts)
+
+    written_as = {pair[0].input[0]: tensor for tensor, pair in after.items()}
+    ordered: list[onnx.NodeProto] = list(head)
+    for node in graph.node:
+        if id(node) in quantized_nodes:
+            for position, name in enumerate(node.input):
+                if name in renamed_inputs:
+                    node.input[position] = renamed_inputs[name]
+        for position, name in enumerate(node.output):
+            if name in after:
+                node.output[position] = after[name][0].input[0]
+        ordered.append(node)
+        for name in node.output:
+            ordered.extend(after.get(written_as.get(name, name), []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(new_initializers)
+    _drop_unused_initializers(graph)
+    counts = {}
+    for node in plan.nodes:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    summary = ", ".join(f"{count} {op}" for op, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+    notes.insert(0, Note("(graph)", f"quantized {len(plan.nodes)} nodes ({summary}); {len(plan.tensors)} "
+                                    f"activation tensors, calibration={opts.calibration}"))
+
+
+def _quantize_weight(node, initializers, stats: Stats, activation_params, add, head, names, opts, notes) -> None:
+    where = node.name or node.output[0]
+    weight_tensor = initializers[node.input[1]]
+    weight = numpy_helper.to_array(weight_tensor).astype(np.float32)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    # The output-channel axis: Conv's O, MatMul's N, Gemm's N (axis 0 when B is transposed).
+    if node.op_type == "Conv":
+        axis = 0
+    elif node.op_type == "Gemm":
+        axis = 0 if attrs.get("transB", 0) else 1
+    else:
+        axis = weight.ndim - 1
+    if weight.ndim < 2 and node.op_type != "Conv":
+        notes.append(Note(where, "weight kept float: not a matrix"))
+        return
+    reduce_axes = tuple(a for a in range(weight.ndim) if a != axis)
+    if opts.per_channel:
+        reach = np.abs(weight).max(axis=reduce_axes)
+    else:
+        reach = np.array(np.abs(weight).max())
+    scale = np.where(reach > 0, reach / 127.0, 1.0).astype(np.float32)
+    shape = [1] * weight.ndim
+    if opts.per_channel:
+        shape[axis] = -1
+    codes = np.clip(np.rint(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    dequantized = codes.astype(np.float32) * scale.reshape(shape)
+
+    input_scale = activation_params(node.input[0])[2]
+    bias_position = 2 if node.op_type in ("Conv", "Gemm") else None
+    bias_name = node.input[2] if bias_position and len(node.input) > 2 and node.input[2] else None
+    correction = _bias_correction(node, weight, dequantized, axis, stats) if opts.bias_correction else None
+
+    weight_name = add(codes, f"{node.input[1]}_quantized")
+    scale_name = add(scale, f"{node.input[1]}_scale")
+    zero_name = add(np.zeros(scale.shape, np.int8), f"{node.input[1]}_zero_point")
+    dq_attrs = {"axis": axis} if opts.per_channel else {}
+    weight_out = unique_name(f"{node.input[1]}_dequantized", names)
+    head.append(helper.make_node("DequantizeLinear", [weight_name, scale_name, zero_name], [weight_out],
+                                 name=unique_name(f"{node.input[1]}_DQ", names), **dq_attrs))
+    node.input[1] = weight_out
+
+    if bias_name is None and correction is not None and node.op_type == "Conv":
+        bias = np.zeros(weight.shape[0], np.float32)
+    elif bias_name is not None and bias_name in initializers:
+        bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float32)
+    else:
+        bias = None
+    if bias is not None and correction is not None and bias.shape == correction.shape:
+        bias = bias - correction.astype(np.float32)
+    if bias is not None and bias.ndim == 1 and bias_position:
+        # Bias as int32 at scale input*weight, the form ORT's QLinearConv/QGemm fusion expects.
+        bias_scale = (input_scale * scale).astype(np.float32) * np.ones(bias.shape, np.float32)
+        safe = np.where(bias_scale > 0, bias_scale, 1.0)
+        bias_codes = np.clip(np.rint(bias / safe), -2**31, 2**31 - 1).astype(np.int32)
+        base = bias_name or f"{node.output[0]}_bias"
+        bias_out = unique_name(f"{base}_dequantized", names)
+        head.append(helper.make_node("DequantizeLinear", [add(bias_codes, f"{base}_quantized"),
+                                                          add(bias_scale, f"{base}_scale"),
+                                                          add(np.zeros(bias.shape, np.int32), f"{base}_zero_point")],
+                                     [bias_out], name=unique_name(f"{base}_DQ", names), axis=0))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = bias_out
+
+
+def _bias_correction(node, weight, dequantized, axis, stats: Stats) -> np.ndarray | None:
+    """Expected output shift from rounding the weights: (W - Wq) applied to the mean input per channel."""
+    mean = stats.channel_means.get(node.input[0])
+    if mean is None:
+        return None
+    error = (weight - dequantized).astype(np.float64)
+    if node.op_type == "Conv":
+        groups = int(next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1))
+        out_channels, in_per_group = error.shape[0], error.shape[1]
+        if mean.size != in_per_group * groups:
+            return None
+        per_in = error.reshape(out_channels, in_per_group, -1).sum(axis=2)  # padding is ignored
+        group_of_out = np.arange(out_channels) // (out_channels // groups)
+        means = mean.reshape(groups, in_per_group)[group_of_out]
+        return (per_in * means).sum(axis=1)
+    matrix = error if axis == error.ndim - 1 else error.T  # as [K, N]
+    if matrix.ndim != 2 or mean.size != matrix.shape[0]:
+        return None
+    return mean @ matrix
+
+
+def _quantized_constant(tensor, add, head, names, opts) -> str:
+    """A float constant operand of Add/Mul/Concat stored as uint8/int8 with its own range."""
+    array = numpy_helper.to_array(tensor).astype(np.float32)
+    low, high = min(float(array.min()), 0.0), max(float(array.max()), 0.0)
+    scale, zero_point = _scale_zero_point(low, high, opts.activations, symmetric=False)
+    info = np.iinfo(zero_point.dtype)
+    codes = np.clip(np.rint(array / scale) + int(zero_point), info.min, info.max).astype(zero_point.dtype)
+    output = unique_name(f"{tensor.name}_dequantized", names)
+    head.append(helper.make_node("DequantizeLinear", [add(codes, f"{tensor.name}_quantized"),
+                                                      add(np.array(scale, np.float32), f"{tensor.name}_scale"),
+                                                      add(zero_point, f"{tensor.name}_zero_point")],
+                                 [output], name=unique_name(f"{tensor.name}_DQ", names)))
+    return output
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    used |= {name for node in graph.node for sub in subgraphs(node) for name in outer_scope_names(sub)}
+    used |= {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
