@@ -59,6 +59,8 @@ class QuantizeInt8(Pass):
         symmetric: bool = option(False, "symmetric activation ranges (zero point at the middle)")
         per_channel: bool = option(True, "one weight scale per output channel (needs opset 13; older models are upgraded)")
         bias_correction: bool = option(True, "shift biases by the weight rounding error times the mean layer input")
+        smooth: float = option(0.0, "SmoothQuant strength alpha for MatMul inputs with outlier channels: "
+                                    "moves range from activations into weights (0 = off; 0.5 is typical)", low=0, high=1)
         concat_ratio: float = option(16.0, "a Concat whose inputs' ranges differ by more than this stays float", low=1)
         include: tuple[str, ...] = option((), "only these op types or node names (empty: every supported op)")
         exclude: tuple[str, ...] = option((), "op types or node names left float")
@@ -72,13 +74,23 @@ class QuantizeInt8(Pass):
         graph = model.graph
         constants_to_initializers(graph)
         initializers = {t.name: t for t in graph.initializer}
-        nodes = [n for n in graph.node if self._selected(n)]
+        tables = _quantize_tables(graph, [n for n in graph.node if self._selected(n)], initializers, opts, notes)
+        initializers = {t.name: t for t in graph.initializer}
+        nodes = [n for n in graph.node if self._selected(n) and n.output[0] not in tables]
         candidates = _candidate_tensors(nodes, initializers)
+        if not candidates and tables:
+            return PassOutput(model, notes)
         if not candidates:
             notes.append(Note("(graph)", "no quantizable nodes"))
             return PassOutput(model, notes)
         if context.data is None:
             raise OnnxShrinkError("quantize-int8 needs calibration data (--calib) to choose activation ranges")
+        if opts.smooth > 0:
+            inserted = _smooth(model, nodes, initializers, context, opts, notes)
+            # The graph's node list was rebuilt: select again, leaving the inserted Muls float.
+            nodes = [n for n in graph.node if self._selected(n) and n.name not in inserted and n.output[0] not in tables]
+            initializers = {t.name: t for t in graph.initializer}
+            candidates = _candidate_tensors(nodes, initializers)
 
         stats = _calibrate(model, candidates, nodes, initializers, context, opts.max_samples)
         plan = _plan(graph, nodes, initializers, stats, opts, notes)
@@ -92,6 +104,102 @@ class QuantizeInt8(Pass):
         if opts.include and node.op_type not in opts.include and node.name not in opts.include:
             return False
         return node.op_type not in opts.exclude and node.name not in opts.exclude
+
+
+def _smooth(model, nodes, initializers, context, opts, notes: list[Note]) -> set[str]:
+    """SmoothQuant: X W = (X / s)(s W) per input channel, with s_j = max|X_j|^a / max|W_j|^(1-a).
+
+    Channels with outliers hand part of their range to the weights, which quantize per channel
+    anyway, so one activation scale no longer has to span the outliers. X / s is an inserted Mul
+    shared by every MatMul that reads X."""
+    readers: dict[str, list] = {}
+    for node in nodes:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if weight is not None and weight.data_type == TensorProto.FLOAT and len(weight.dims) == 2:
+            readers.setdefault(node.input[0], []).append(node)
+    if not readers:
+        return set()
+    reach: dict[str, np.ndarray] = {}
+    samples = (feed for index, feed in enumerate(context.data) if index < opts.max_samples)
+    for values in stream_tensors(model, list(readers), samples, progress=context.progress):
+        for name, value in values.items():
+            if value.dtype == np.float32 and value.ndim >= 1:
+                peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0).astype(np.float64)
+                reach[name] = np.maximum(reach.get(name, 0), peak)
+    graph = model.graph
+    names = all_names(model)
+    inserted = {}
+    for tensor, matmuls in readers.items():
+        weights = [numpy_helper.to_array(initializers[m.input[1]]).astype(np.float64) for m in matmuls]
+        if tensor not in reach or any(w.shape[0] != reach[tensor].size for w in weights):
+            continue
+        weight_reach = np.max(np.abs(np.concatenate(weights, axis=1)), axis=1)
+        factor = np.power(np.maximum(reach[tensor], 1e-5), opts.smooth) / np.power(np.maximum(weight_reach, 1e-5), 1 - opts.smooth)
+        factor = np.clip(factor, 1e-2, 1e2)
+        inverse = unique_name(f"{tensor}_smooth_inverse", names)
+        graph.initializer.append(numpy_helper.from_array((1 / factor).astype(np.float32), inverse))
+        smoothed = unique_name(f"{tensor}_smoothed", names)
+        inserted[id(matmuls[0])] = helper.make_node("Mul", [tensor, inverse], [smoothed],
+                                                    name=unique_name(f"{tensor}_smooth", names))
+        for matmul, weight in zip(matmuls, weights):
+            scaled = unique_name(f"{matmul.input[1]}_smoothed", names)
+            graph.initializer.append(numpy_helper.from_array((weight * factor[:, None]).astype(np.float32), scaled))
+            matmul.input[0], matmul.input[1] = smoothed, scaled
+    ordered = []
+    for node in graph.node:  # each Mul goes right before the first MatMul that reads it
+        if id(node) in inserted:
+            ordered.append(inserted[id(node)])
+        ordered.append(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    _drop_unused_initializers(graph)
+    notes.append(Note("(graph)", f"SmoothQuant alpha={opts.smooth:g} on {len(inserted)} MatMul inputs"))
+    return {node.name for node in inserted.values()}
+
+
+def _quantize_tables(graph, nodes, initializers, opts, notes: list[Note]) -> set[str]:
+    """Embedding tables read by Gather: stored int8 per column, gathered as int8, dequantized after.
+
+    Gather only moves rows, so it runs on the codes and the DequantizeLinear touches just the
+    gathered rows; dequantizing the whole table first would cost a full pass over it every run."""
+    names = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
+    names |= set(initializers)
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    done: set[str] = set()
+    rebuilt = []
+    for node in graph.node:
+        table = initializers.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if (node not in nodes or table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2
+                or axis != 0 or int(np.prod(table.dims)) < 4096 or readers.get(table.name, 0) != 1):
+            rebuilt.append(node)
+            continue
+        array = numpy_helper.to_array(table).astype(np.float32)
+        reach = np.abs(array).max(axis=0) if opts.per_channel else np.array(np.abs(array).max())
+        scale = np.where(reach > 0, reach / 127.0, 1.0).astype(np.float32)
+        codes = np.clip(np.rint(array / scale), -127, 127).astype(np.int8)
+        codes_name = unique_name(f"{table.name}_quantized", names)
+        graph.initializer.extend([numpy_helper.from_array(codes, codes_name),
+                                  numpy_helper.from_array(scale, unique_name(f"{table.name}_scale", names)),
+                                  numpy_helper.from_array(np.zeros(scale.shape, np.int8),
+                                                          unique_name(f"{table.name}_zero_point", names))])
+        scale_name, zero_name = graph.initializer[-2].name, graph.initializer[-1].name
+        output = node.output[0]
+        gathered = unique_name(f"{output}_quantized", names)
+        node.input[0], node.output[0] = codes_name, gathered
+        rebuilt += [node, helper.make_node("DequantizeLinear", [gathered, scale_name, zero_name], [output],
+                                           name=unique_name(f"{output}_DQ", names),
+                                           **({"axis": -1} if opts.per_channel else {}))]
+        done.add(gathered)  # by output: node names may be empty
+        notes.append(Note(node.name or output, f"embedding table {table.name} {list(table.dims)} stored int8"))
+    if done:
+        del graph.node[:]
+        graph.node.extend(rebuilt)
+        _drop_unused_initializers(graph)
+    return done
 
 
 def _refuse_unsupported(model: onnx.ModelProto) -> None:
