@@ -83,3 +83,18 @@ def interleaved_latency(sessions: list[ort.InferenceSession], feed, repeats: int
             session.run(None, feeds[index])
             times[index].append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]
+
+
+def u8s8_saturates() -> bool:
+    """True on x86 CPUs without VNNI: ORT's uint8 x int8 kernels there add pairs of products in
+    int16 and saturate with full 8-bit weights (7-bit weights, "reduce_range", avoid it)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_vnni" not in flags and "avx_vnni" not in flags

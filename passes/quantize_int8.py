@@ -29,6 +29,7 @@ from onnxshrink.histogram import Histogram, calibrate
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
+from onnxshrink.runtime import u8s8_saturates
 
 # op -> positions of inputs that are quantized activations (None: all inputs)
 _WEIGHTED = {"Conv": (0,), "MatMul": (0, 1), "Gemm": (0,)}
@@ -57,6 +58,9 @@ class QuantizeInt8(Pass):
         activations: str = option("uint8", "activation type (uint8 uses x86's u8*s8 integer path)",
                                   choices=("uint8", "int8"))
         symmetric: bool = option(False, "symmetric activation ranges (zero point at the middle)")
+        reduce_range: str = option("auto", "7-bit weights: x86 CPUs without VNNI saturate u8*s8 products of 8-bit "
+                                   "weights in 16 bits; auto turns it on when the quantizing machine lacks VNNI",
+                                   choices=("auto", "on", "off"))
         per_channel: bool = option(True, "one weight scale per output channel (needs opset 13; older models are upgraded)")
         bias_correction: bool = option(True, "shift biases by the weight rounding error times the mean layer input")
         smooth: float = option(0.0, "SmoothQuant strength alpha for MatMul inputs with outlier channels: "
@@ -526,11 +530,12 @@ def _quantize_weight(node, initializers, stats: Stats, activation_params, add, h
         reach = np.abs(weight).max(axis=reduce_axes)
     else:
         reach = np.array(np.abs(weight).max())
-    scale = np.where(reach > 0, reach / 127.0, 1.0).astype(np.float32)
+    limit = 63 if _reduce_range(opts) else 127
+    scale = np.where(reach > 0, reach / limit, 1.0).astype(np.float32)
     shape = [1] * weight.ndim
     if opts.per_channel:
         shape[axis] = -1
-    codes = np.clip(np.rint(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    codes = np.clip(np.rint(weight / scale.reshape(shape)), -limit, limit).astype(np.int8)
     dequantized = codes.astype(np.float32) * scale.reshape(shape)
 
     input_scale = activation_params(node.input[0])[2]
@@ -554,7 +559,7 @@ def _quantize_weight(node, initializers, stats: Stats, activation_params, add, h
     else:
         bias = None
     if bias is not None and correction is not None and bias.shape == correction.shape:
-        bias = bias - correction.astype(np.float32)
+        bias = bias + correction.astype(np.float32)  # float output = Wq x + (W - Wq) x + b
     if bias is not None and bias.ndim == 1 and bias_position:
         # Bias as int32 at scale input*weight, the form ORT's QLinearConv/QGemm fusion expects.
         bias_scale = (input_scale * scale).astype(np.float32) * np.ones(bias.shape, np.float32)
@@ -569,6 +574,10 @@ def _quantize_weight(node, initializers, stats: Stats, activation_params, add, h
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = bias_out
+
+
+def _reduce_range(opts) -> bool:
+    return opts.reduce_range == "on" or (opts.reduce_range == "auto" and u8s8_saturates())
 
 
 def _bias_correction(node, weight, dequantized, axis, stats: Stats) -> np.ndarray | None:
