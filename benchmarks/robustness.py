@@ -37,6 +37,9 @@ if str(MODELS_DIR) not in sys.path:
     sys.path.insert(0, str(MODELS_DIR))
 
 API_PIPELINES = ["cleanup", "dedup", "fp16", "cleanup,dedup,fp16"]
+# -p replaces the API pipelines; workers inherit the choice through the environment
+if os.environ.get("ONNXSHRINK_ROBUST_PIPELINES"):
+    API_PIPELINES = os.environ["ONNXSHRINK_ROBUST_PIPELINES"].split(";")
 CLI_PIPELINE = "cleanup,dedup,fp16"
 # the installed console script, run outside the repo so that ./onnxshrink does not shadow the package
 CLI = [str(Path(sys.executable).parent / "onnxshrink")]
@@ -340,12 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", action="append", help="only this model (repeatable)")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("-p", "--pipeline", action="append",
+                        help="API pipeline to run instead of the default four (repeatable)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(worker(args.worker), default=str))
         return 0
+    if args.pipeline:
+        global API_PIPELINES
+        API_PIPELINES = args.pipeline
+        os.environ["ONNXSHRINK_ROBUST_PIPELINES"] = ";".join(args.pipeline)
     names = args.model or all_models()
     results = []
     for name in names:

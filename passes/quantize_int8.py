@@ -16,7 +16,7 @@ Only the main graph is quantized; nodes in If/Loop/Scan bodies and recurrent ops
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -29,7 +29,7 @@ from onnxshrink.histogram import Histogram, calibrate
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
-from onnxshrink.runtime import u8s8_saturates
+from onnxshrink.runtime import make_session, u8s8_saturates
 
 # op -> positions of inputs that are quantized activations (None: all inputs)
 _WEIGHTED = {"Conv": (0,), "MatMul": (0, 1), "Gemm": (0,)}
@@ -69,10 +69,13 @@ class QuantizeInt8(Pass):
         include: tuple[str, ...] = option((), "only these op types or node names (empty: every supported op)")
         exclude: tuple[str, ...] = option((), "op types or node names left float")
         max_samples: int = option(256, "calibration samples used at most", low=1)
+        speed_check: bool = option(True, "time the result in onnxruntime and leave float each op type whose "
+                                         "quantization makes the model slower (Conv/MatMul/Gemm always quantized)")
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
         opts = self.options
         _refuse_unsupported(model)
+        original = model
         notes: list[Note] = []
         model = _ensure_opset(model, 13 if opts.per_channel else 10, notes)
         graph = model.graph
@@ -97,9 +100,27 @@ class QuantizeInt8(Pass):
             candidates = _candidate_tensors(nodes, initializers)
 
         stats = _calibrate(model, candidates, nodes, initializers, context, opts.max_samples)
-        plan = _plan(graph, nodes, initializers, stats, opts, notes)
-        _rewrite(model, plan, stats, opts, notes)
-        return PassOutput(model, notes)
+        chosen_ids = {id(n) for n in nodes}
+        positions = [i for i, n in enumerate(graph.node) if id(n) in chosen_ids]
+
+        def build(left_float: frozenset = frozenset()) -> tuple[onnx.ModelProto, list[Note]]:
+            candidate = onnx.ModelProto()
+            candidate.CopyFrom(model)
+            selected = [candidate.graph.node[i] for i in positions if candidate.graph.node[i].op_type not in left_float]
+            built_notes: list[Note] = []
+            inits = {t.name: t for t in candidate.graph.initializer}
+            _rewrite(candidate, _plan(candidate.graph, selected, inits, stats, opts, built_notes), stats, opts, built_notes)
+            return candidate, built_notes
+
+        left_float: frozenset = frozenset()
+        if opts.speed_check:
+            left_float = _slower_op_types(original, build, next(iter(context.data)), notes)
+        quantized, built_notes = build(left_float)
+        notes += built_notes
+        if quantized.ByteSize() >= original.ByteSize():
+            notes.append(Note("(graph)", "left unchanged: quantizing would not make the file smaller"))
+            return PassOutput(original, notes)
+        return PassOutput(quantized, notes)
 
     def _selected(self, node: onnx.NodeProto) -> bool:
         opts = self.options
@@ -108,6 +129,36 @@ class QuantizeInt8(Pass):
         if opts.include and node.op_type not in opts.include and node.name not in opts.include:
             return False
         return node.op_type not in opts.exclude and node.name not in opts.exclude
+
+
+# Op types the speed check may leave float; weighted ops are what quantization is for.
+_OPTIONAL = ("Add", "Mul", "Concat", "Sigmoid", "Softmax", "LeakyRelu", "AveragePool", "GlobalAveragePool",
+             "MaxPool", "Resize", "Reshape", "Transpose", "Split", "Slice")
+
+
+def _slower_op_types(original, build, feed, notes: list[Note], repeats: int = 12) -> frozenset:
+    """Op types whose quantization slows the model in onnxruntime (1 thread, interleaved medians)."""
+    from onnxshrink.runtime import adapt_feeds, interleaved_latency
+
+    full, _ = build()
+    present = sorted({n.op_type for n in full.graph.node} & set(_OPTIONAL)
+                     & {n.op_type for n in original.graph.node})
+    variants = [(frozenset(), full)] + [(frozenset({op}), build(frozenset({op}))[0]) for op in present]
+    sessions = [make_session(original, threads=1)] + [make_session(m, threads=1) for _, m in variants]
+    feeds = [adapt_feeds([feed], s)[0] for s in sessions]
+    times = interleaved_latency(sessions, feeds, repeats=repeats)
+    baseline, everything = times[0], times[1]
+    slower = frozenset(op for (ops, _), t in zip(variants[1:], times[2:]) if t < everything * 0.97 for op in ops)
+    if slower:
+        trial = build(slower)[0]
+        confirm = interleaved_latency([make_session(full, threads=1), make_session(trial, threads=1)],
+                                      [feeds[1], adapt_feeds([feed], make_session(trial, threads=1))[0]], repeats=repeats)
+        if confirm[1] >= confirm[0]:
+            slower = frozenset()
+    detail = ", ".join(f"{op} {t / everything:.2f}" for (ops, _), t in zip(variants[1:], times[2:]) for op in ops)
+    notes.append(Note("(graph)", f"speed check: quantized {everything / baseline:.2f}x float time; left float: "
+                                 f"{', '.join(sorted(slower)) or 'none'} (time without each type: {detail or '-'})"))
+    return slower
 
 
 def _smooth(model, nodes, initializers, context, opts, notes: list[Note]) -> set[str]:
@@ -260,6 +311,7 @@ class Stats:
     histograms: dict[str, Histogram]
     dtypes: dict[str, np.dtype]
     channel_means: dict[str, np.ndarray]  # weighted node input -> mean per input channel
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # calibrated, filled on first use
 
 
 def _channel_axis(node: onnx.NodeProto) -> int:
@@ -310,8 +362,10 @@ def _plan(graph, nodes, initializers, stats: Stats, opts, notes: list[Note]) -> 
                                                          initializers[name].data_type == TensorProto.FLOAT)
 
     def rng(name):
-        return calibrate(stats.histograms[name], opts.calibration, symmetric=opts.symmetric,
-                         percentile=opts.percentile)
+        if name not in stats.ranges:
+            stats.ranges[name] = calibrate(stats.histograms[name], opts.calibration, symmetric=opts.symmetric,
+                                           percentile=opts.percentile)
+        return stats.ranges[name]
 
     chosen: list[onnx.NodeProto] = []
     tensors: dict[str, tuple[float, float]] = {}

@@ -227,3 +227,24 @@ def test_yolov8n_class_scores_survive(yolov8n_path):
     assert cosine(ref[:, :4], out[:, :4]) > 0.995
     assert cosine(ref[:, 4:], out[:, 4:]) > 0.9
     assert model.ByteSize() < 0.3 * reference.ByteSize()
+
+
+# ---------------------------------------------------------------- mixed precision
+def test_mixed_precision_meets_budget_and_reports_choices(digits_mlp_path):
+    import inputs
+
+    model = onnx.load(digits_mlp_path)
+    feeds = inputs.digits_inputs(16)
+    loose = onnxshrink.compress(model, "mixed-precision(budget=cosine>=0.99,min_elements=1000)", calibration=feeds)
+    tight = onnxshrink.compress(model, "mixed-precision(budget=cosine>=0.9999,min_elements=1000)", calibration=feeds)
+    for result, bound in ((loose, 0.99), (tight, 0.9999)):
+        record = result.report.passes[0]
+        assert record.status == "applied" and record.fidelity["cosine"] >= bound
+        assert sum(1 for n in record.notes if "-bit drift" in n.message) == 3  # one row per layer
+    # A tighter budget cannot cost fewer bytes.
+    assert loose.model.ByteSize() <= tight.model.ByteSize() < model.ByteSize()
+
+
+def test_mixed_precision_rejects_bad_budget():
+    with pytest.raises(onnxshrink.UsageError, match="mixed-precision: bad drift bound"):
+        onnxshrink.parse_pipeline("mixed-precision(budget=fast)")
