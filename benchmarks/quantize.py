@@ -15,7 +15,7 @@ the sample count. Progress goes to stderr, tables to stdout.
 
 onnxshrink passes that are not registered (yet) show as "not available"; any step that fails
 shows its error in its own cell and the run goes on. ORT's MatMulNBitsQuantizer needs the
-optional package onnx_ir.
+optional package onnx_ir (`pip install '.[bench]'`).
 """
 
 from __future__ import annotations
