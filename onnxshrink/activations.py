@@ -17,9 +17,6 @@ from .errors import OnnxShrinkError
 from .runtime import adapt_feeds, make_session
 
 Feed = dict[str, np.ndarray]
-# ORT returns every tapped tensor of a sample at once; above this many bytes per run the names are
-# split into groups, each group a pass over the data, to keep peak memory bounded.
-_GROUP_BYTES = 256 * 2**20
 
 
 def main_graph_tensors(model: onnx.ModelProto) -> set[str]:
@@ -65,16 +62,3 @@ def stream_tensors(model: onnx.ModelProto, names: list[str], data: Iterable[Feed
             values.update(zip(computed, outputs))
         yield values
 
-
-def tensor_groups(names: list[str], sizes: dict[str, int], budget: int = _GROUP_BYTES) -> list[list[str]]:
-    """Split `names` into groups whose summed per-sample bytes stay under `budget` (unknown sizes count 0)."""
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name in names:
-        size = sizes.get(name, 0)
-        if groups[-1] and used + size > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    return groups

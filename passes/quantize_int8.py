@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxshrink.activations import stream_tensors
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.graph import all_names, constants_to_initializers, opset_version, outer_scope_names, subgraphs, unique_name
-from onnxshrink.histogram import Histogram, calibrate
+from onnxshrink.histogram import BINS, Histogram, calibrate
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
@@ -99,7 +99,7 @@ class QuantizeInt8(Pass):
             initializers = {t.name: t for t in graph.initializer}
             candidates = _candidate_tensors(nodes, initializers)
 
-        stats = _calibrate(model, candidates, nodes, initializers, context, opts.max_samples)
+        stats = _calibrate(model, candidates, nodes, initializers, context, opts.max_samples, opts.calibration)
         chosen_ids = {id(n) for n in nodes}
         positions = [i for i, n in enumerate(graph.node) if id(n) in chosen_ids]
 
@@ -340,8 +340,9 @@ def _channel_axis(node: onnx.NodeProto) -> int:
     return 1 if node.op_type == "Conv" else -1
 
 
-def _calibrate(model, candidates, nodes, initializers, context: PassContext, max_samples: int) -> Stats:
-    histograms = {name: Histogram() for name in candidates}
+def _calibrate(model, candidates, nodes, initializers, context: PassContext, max_samples: int,
+               method: str) -> Stats:
+    histograms = {name: Histogram(0 if method == "minmax" else BINS) for name in candidates}
     dtypes: dict[str, np.dtype] = {}
     mean_axes = {n.input[0]: _channel_axis(n) for n in nodes
                  if n.op_type in _WEIGHTED and len(n.input) > 1 and n.input[1] in initializers}
