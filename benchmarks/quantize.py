@@ -68,7 +68,7 @@ PLAN = {
 }
 # --rss-sweep: (model, default sample counts) and the two tools compared.
 SWEEP = {"digits": (50, 500), "yolov8n": (8, 64)}
-SWEEP_ROWS = ["ORT static s8", "ORT static entropy", "quantize-int8"]
+SWEEP_ROWS = ["ORT static s8", "ORT static entropy", "quantize-int8(calibration=minmax)", "quantize-int8"]
 
 WORKER = Path(__file__).resolve().parent / "_peak_rss.py"
 # compress() checks every pass against the original on this many samples, holding them and their
