@@ -415,6 +415,10 @@ def _plan(graph, nodes, initializers, stats: Stats, opts, notes: list[Note]) -> 
             tensors[node.output[0]] = rng(node.output[0])
             continue
         activation_inputs = [n for n in inputs if n not in initializers]
+        if node.op_type == "Softmax" and _span(rng(inputs[0])) > _SOFTMAX_SPAN:
+            notes.append(Note(where, f"left float: input spans {_span(rng(inputs[0])):.3g} (masked scores?); one "
+                                     "8-bit step would move its outputs by more than a quarter"))
+            continue
         if node.op_type == "Concat" and not _ranges_compatible([rng(n) for n in activation_inputs], opts.concat_ratio):
             notes.append(Note(where, f"left float: its inputs' ranges differ by more than {opts.concat_ratio:g}x"))
             continue
@@ -491,6 +495,15 @@ def _weight_ok(node, initializers, where, notes) -> bool:
 def _constant_clip(node, initializers) -> bool:
     """A Clip whose bounds are constants (it can then be folded into a quantization range)."""
     return all(not name or name in initializers for name in node.input[1:])
+
+
+# Softmax inputs wider than this lose the scores to quantization steps over ~1/8 (exp(1/8) ~ +13%);
+# padded attention adds -1e4 (or -inf-like) masks, which is how such spans arise.
+_SOFTMAX_SPAN = 32.0
+
+
+def _span(bounds) -> float:
+    return bounds[1] - bounds[0]
 
 
 def _ranges_compatible(ranges, ratio: float) -> bool:

@@ -249,3 +249,29 @@ def test_mixed_precision_meets_budget_and_reports_choices(digits_mlp_path):
 def test_mixed_precision_rejects_bad_budget():
     with pytest.raises(onnxshrink.UsageError, match="mixed-precision: bad drift bound"):
         onnxshrink.parse_pipeline("mixed-precision(budget=fast)")
+
+
+def test_softmax_over_masked_scores_stays_float():
+    """Padded attention adds -1e4 to masked scores: one 8-bit scale over that span would flatten the rest."""
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["scores"], name="qk"),
+         helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+         helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+         helper.make_node("MatMul", ["p", "v"], ["y"], name="pv")], "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])],
+        [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "v")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = []
+    for _ in range(8):
+        mask = np.zeros((1, 1, 8), np.float32)
+        mask[..., rng.integers(3, 8):] = -10000.0  # padding
+        feeds.append({"x": rng.standard_normal((1, 8, 16)).astype(np.float32), "mask": mask})
+    result = quantize(model, feeds)
+    assert any(n.where == "softmax" and "left float" in n.message for n in result.report.passes[0].notes)
+    for feed in feeds[:4]:
+        assert cosine(run(model, feed)[0], run(result.model, feed)[0]) > 0.99
