@@ -105,17 +105,20 @@ def all_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def constants_to_initializers(graph: onnx.GraphProto) -> None:
-    """Turn the graph's own Constant nodes into initializers, so passes see one kind of constant."""
+def constants_to_initializers(graph: onnx.GraphProto, only: set[str] | None = None) -> None:
+    """Turn the graph's own Constant nodes (those named in `only`, if given) into initializers,
+    so passes see one kind of constant."""
     keep = []
     for node in graph.node:
-        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
-        if value is not None and len(node.output) == 1:
+        is_constant = node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if is_constant else None
+        if value is not None and len(node.output) == 1 and (only is None or node.output[0] in only):
             tensor = onnx.TensorProto()
             tensor.CopyFrom(value)
             tensor.name = node.output[0]
             graph.initializer.append(tensor)
         else:
             keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
+    if len(keep) != len(graph.node):  # rebuilding copies the nodes: references held elsewhere would go stale
+        del graph.node[:]
+        graph.node.extend(keep)
