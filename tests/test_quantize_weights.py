@@ -4,8 +4,12 @@ refusals, GPTQ against rtn, and the real MiniLM and digits models.
 Margins: a quantized model must reproduce x @ dequantized(W) to 1e-5 of the output's largest
 magnitude (MatMulNBits at accuracy_level=0, graph optimizations off so that onnxruntime does not
 fuse DequantizeLinear into its int8-activation kernel). MiniLM, 4-bit block 32, 48 calibration
-sentences, measured sentence_embedding cosine: on 16 held-out sentences 0.975 (rtn) and 0.987
-(gptq); on the calibration sentences 0.973 and 0.997. MatMul weights: 0.156 of float32.
+sentences, measured sentence_embedding cosine on 16 held-out sentences: rtn 0.9751, GPTQ with the
+defaults (act_order, damping 0.1) 0.9896, GPTQ as the paper has it (index order, damping 0.01)
+0.9870; on the calibration sentences 0.973, 0.997 and 0.997. MatMul weights: 0.156 of float32.
+The held-out bounds sit about 0.0015 under the measured figures: damping 0.01 with act order
+(0.9867) or the paper's settings fail them; act order alone is worth less than that margin on
+MiniLM (0.9888 without it) and is pinned instead by the unit tests against a plain GPTQ.
 """
 
 import numpy as np
@@ -140,6 +144,7 @@ def test_dql_conversion_failure_is_one_line(monkeypatch):
 @pytest.mark.parametrize("values,needle", [
     ({"bits": 1}, "bits"), ({"bits": 9}, "bits"), ({"block": 48}, "block"), ({"method": "awq"}, "method"),
     ({"form": "int4"}, "form"), ({"accuracy_level": 5}, "accuracy_level"), ({"min_elements": -1}, "min_elements"),
+    ({"damping": 0}, "damping"), ({"act_order": "maybe"}, "act_order"),
     ({"group": 32}, "unknown option 'group'"),
 ])
 def test_option_errors(values, needle):
@@ -244,7 +249,8 @@ def correlated_inputs(count, seed):
             for _ in range(count)]
 
 
-def test_gptq_beats_rtn_on_correlated_inputs():
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_beats_rtn_on_correlated_inputs(act_order):
     rng = np.random.default_rng(5)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 64])],
@@ -254,9 +260,10 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     calibration, held_out = correlated_inputs(32, 6), correlated_inputs(16, 7)
     errors = {}
     for method in ("rtn", "gptq"):
-        quantized, _ = quantize(model, f"quantize-weights(bits=3,form=dql,method={method},min_elements=0)", calibration)
+        spec = f"quantize-weights(bits=3,form=dql,method={method},min_elements=0,act_order={str(act_order).lower()})"
+        quantized, _ = quantize(model, spec, calibration)
         errors[method] = np.mean([np.mean((run_exact(quantized, f) - run_exact(model, f)) ** 2) for f in held_out])
-    assert errors["gptq"] <= 0.25 * errors["rtn"], errors  # measured: 0.08
+    assert errors["gptq"] <= 0.25 * errors["rtn"], errors  # measured: 0.05 (act_order), 0.09
 
 
 def test_gptq_zeroes_dead_inputs_and_matches_rtn_without_correlation():
@@ -269,6 +276,54 @@ def test_gptq_zeroes_dead_inputs_and_matches_rtn_without_correlation():
     # With H diagonal there is nothing to compensate: GPTQ is plain rounding (up to the dead row).
     plain = rtn(np.where(np.arange(64)[:, None] == 5, 0.0, w), 4, 32, True)
     assert np.array_equal(q.codes, plain.codes) and np.array_equal(q.scales, plain.scales)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order_keeps_blocks_contiguous(symmetric):
+    """A diagonal H of varied sizes reorders the rows but has nothing to compensate: the codes
+    must come back to their own rows and blocks, i.e. equal rtn's (static scales are rtn's)."""
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((K, 16))
+    factor = hessian_factor(np.diag(rng.uniform(0.1, 10, K)))
+    assert not np.array_equal(factor.order, np.arange(K))
+    q, plain = gptq(w, factor, 3, 32, symmetric), rtn(w, 3, 32, symmetric)
+    assert np.array_equal(q.codes, plain.codes) and np.array_equal(q.scales, plain.scales)
+    if not symmetric:
+        assert np.array_equal(q.zero_points, plain.zero_points)
+
+
+def reference_gptq(w, hessian, bits, block, damping):
+    """GPTQ as plainly as it can be written: every update applied at once, in act order, scales
+    from W; the damping added as hessian_factor adds it."""
+    k = len(w)
+    h = np.array(hessian, np.float64)
+    order = np.argsort(-np.diag(h), kind="stable")
+    h = h[np.ix_(order, order)] + damping * np.mean(np.diag(h)) * np.eye(k)
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T  # upper U with U^T U = H^-1
+    scales = rtn(w, bits, block, True).scales
+    half = 1 << (bits - 1)
+    work = np.array(w, np.float64)[order]
+    codes = np.empty(w.shape, np.uint8)
+    for i in range(k):
+        s = scales[order[i] // block]
+        codes[order[i]] = np.clip(np.rint(work[i] / s.astype(np.float64)) + half, 0, 2 * half - 1)
+        error = (work[i] - (codes[order[i]].astype(np.float32) - half) * s) / upper[i, i]
+        work[i + 1:] -= np.outer(upper[i, i + 1:], error)
+    return codes
+
+
+def test_lazy_act_order_gptq_matches_the_plain_algorithm():
+    """K = 200 crosses a LAZY_ROWS batch and ends in a partial block, so every lazy level and the
+    permutation back are exercised."""
+    rng = np.random.default_rng(10)
+    k = 200
+    x = rng.standard_normal((400, 12)) @ rng.standard_normal((12, k)) + 0.3 * rng.standard_normal((400, k))
+    x[:, 17] *= 6  # an input the order puts first
+    h = x.T @ x
+    w = rng.standard_normal((k, 24))
+    q = gptq(w, hessian_factor(h), 4, 32, True)
+    assert np.array_equal(q.codes, reference_gptq(w, h, 4, 32, 0.1))
+    assert np.array_equal(q.scales, rtn(w, 4, 32, True).scales)
 
 
 # ---------------------------------------------------------------- real models
@@ -284,8 +339,8 @@ def minilm_results(minilm_path):
     reference = make_session(original)
     expected = np.concatenate([reference.run(["sentence_embedding"], f)[0] for f in held_out])
     results = {}
-    for method in ("rtn", "gptq"):
-        result = onnxshrink.compress(minilm_path, f"quantize-weights(bits=4,method={method})",
+    for method, extra in (("rtn", ""), ("gptq", ""), ("gptq_paper", ",act_order=false,damping=0.01")):
+        result = onnxshrink.compress(minilm_path, f"quantize-weights(bits=4,method={method[:4]}{extra})",
                                      calibration=calibration, samples=16)
         (record,) = result.report.passes
         assert record.status == "applied", record.message
@@ -318,9 +373,10 @@ def test_minilm_4bit_rtn_and_gptq(minilm_results):
         onnx.checker.check_model(model, full_check=True)
     # on the calibration sentences (the report's figure), GPTQ's fit
     assert gptq_record.per_output["sentence_embedding"]["cosine"] >= 0.99
-    # on held-out sentences
-    assert rtn_cosine >= 0.965 and gptq_cosine >= 0.98
-    assert gptq_cosine >= rtn_cosine + 0.005
+    # on held-out sentences (measured: rtn 0.9751, gptq 0.9896, index order and damping 0.01 0.9870)
+    assert rtn_cosine >= 0.965 and gptq_cosine >= 0.988
+    assert gptq_cosine >= rtn_cosine + 0.01
+    assert gptq_cosine >= results["gptq_paper"][2] + 0.0015
     assert gptq_record.per_output["sentence_embedding"]["cosine"] > rtn_record.per_output["sentence_embedding"]["cosine"]
 
 
@@ -338,4 +394,4 @@ def test_digits_mlp_keeps_its_accuracy(digits_mlp_path):
     for spec, margin in (("quantize-weights(min_elements=0)", 0.01), ("quantize-weights(min_elements=0,bits=2,method=gptq)", 0.02)):
         result = onnxshrink.compress(digits_mlp_path, spec, calibration=feeds)
         assert [n.op_type for n in result.model.graph.node].count("MatMulNBits") == 3  # fc3 (128x10) too
-        assert accuracy(result.model) >= base - margin, spec  # measured: 4-bit +0.004, 2-bit gptq -0.002
+        assert accuracy(result.model) >= base - margin, spec  # measured: 4-bit +0.004, 2-bit gptq +0.007
