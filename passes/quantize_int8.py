@@ -81,7 +81,7 @@ class QuantizeInt8(Pass):
         graph = model.graph
         constants_to_initializers(graph)
         initializers = {t.name: t for t in graph.initializer}
-        tables = _quantize_tables(graph, [n for n in graph.node if self._selected(n)], initializers, opts, notes)
+        tables = _quantize_tables(model, [n for n in graph.node if self._selected(n)], initializers, opts, notes)
         initializers = {t.name: t for t in graph.initializer}
         nodes = [n for n in graph.node if self._selected(n) and n.output[0] not in tables]
         candidates = _candidate_tensors(nodes, initializers)
@@ -220,13 +220,13 @@ def _smooth(model, nodes, initializers, context, opts, notes: list[Note]) -> set
     return {node.name for node in inserted.values()}
 
 
-def _quantize_tables(graph, nodes, initializers, opts, notes: list[Note]) -> set[str]:
+def _quantize_tables(model, nodes, initializers, opts, notes: list[Note]) -> set[str]:
     """Embedding tables read by Gather: stored int8 per column, gathered as int8, dequantized after.
 
     Gather only moves rows, so it runs on the codes and the DequantizeLinear touches just the
     gathered rows; dequantizing the whole table first would cost a full pass over it every run."""
-    names = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
-    names |= set(initializers)
+    graph = model.graph
+    names = all_names(model)  # subgraphs included: a new name must not shadow one a branch defines
     readers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
