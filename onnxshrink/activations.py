@@ -8,12 +8,14 @@ Only tensors of the main graph can be tapped; subgraph-local tensors are not vis
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+import math
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import onnx
 
 from .errors import OnnxShrinkError
+from .graph import all_names, opset_version, unique_name
 from .runtime import adapt_feeds, make_session
 
 Feed = dict[str, np.ndarray]
@@ -62,3 +64,121 @@ def stream_tensors(model: onnx.ModelProto, names: list[str], data: Iterable[Feed
             values.update(zip(computed, outputs))
         yield values
 
+
+
+def stream_extremes(model: onnx.ModelProto, names: list[str], channel_axes: dict[str, int], data: Iterable[Feed],
+                    progress: Callable = lambda iterable, **_: iterable) -> Iterator[dict[str, Extremes]]:
+    """Yield, per sample, name -> Extremes: min, max and (for names in `channel_axes`) the sum
+    over every axis but that one, without copying the tensors out of onnxruntime.
+
+    Float tensors of known rank are reduced inside the graph (ReduceMin/ReduceMax/ReduceSum),
+    so only scalars and channel vectors cross into numpy; copying every intermediate out of
+    the session and scanning it again in numpy costs about as much as running the model.
+    Other tensors are tapped whole. A non-finite extreme (an inf mask, a NaN) sends that tensor
+    to the whole-tensor path for this and later samples, where non-finite values are dropped."""
+    available = main_graph_tensors(model)
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise OnnxShrinkError(f"tensor '{missing[0]}' is not a main-graph tensor and cannot be observed")
+    inputs = {i.name for i in model.graph.input}
+    computed = [n for n in dict.fromkeys(names) if n not in inputs]
+    types = _float_ranks(model, computed)
+    reducible = [n for n in computed if n in types and (n not in channel_axes or types[n] is not None)]
+    reduced_model, fetches = _with_reductions(model, reducible, channel_axes, types)
+    whole = sorted(set(computed) - set(reducible))
+    fetch_names = [name for parts in fetches.values() for name in parts if name] + whole
+    session = make_session(with_outputs(reduced_model, fetch_names)) if fetch_names else None
+    fallback, fallback_names = None, []  # tensors whose in-graph extremes were not finite
+    for feed in progress(data, desc="calibration", unit="sample"):
+        summaries = {n: _summary(feed[n], channel_axes.get(n)) for n in names if n in inputs}
+        if session is None:
+            yield summaries
+            continue
+        feed = adapt_feeds([feed], session)[0]
+        values = dict(zip(fetch_names, _run(session, fetch_names, feed)))
+        for name in whole:
+            summaries[name] = _summary(values[name], channel_axes.get(name))
+        flagged = [n for n, (low, high, *_) in fetches.items() if n not in fallback_names
+                   and not (np.isfinite(values[low]).all() and np.isfinite(values[high]).all())]
+        if flagged:
+            fallback_names += flagged
+            fallback = make_session(with_outputs(model, fallback_names))
+        for name, parts in fetches.items():
+            if name not in fallback_names:
+                low, high, total, size = (values[p] if p else None for p in parts)
+                count = int(size) // total.size if total is not None and total.size else 0
+                summaries[name] = Extremes(np.dtype(np.float32), float(low), float(high), total, count)
+        if fallback is not None:
+            for name, value in zip(fallback_names, _run(fallback, fallback_names, feed)):
+                summaries[name] = _summary(value, channel_axes.get(name))
+        yield summaries
+
+
+class Extremes(NamedTuple):
+    dtype: np.dtype
+    low: float  # inf / -inf when the tensor held no finite value
+    high: float
+    channel_sum: np.ndarray | None  # float64, over every axis but the channel axis
+    channel_count: int  # values summed per channel
+
+
+def _summary(value: np.ndarray, axis: int | None) -> Extremes:
+    value = np.asarray(value)
+    if value.dtype != np.float32:
+        return Extremes(value.dtype, math.inf, -math.inf, None, 0)
+    finite = value if value.size == 0 or np.isfinite(value.min() + value.max()) else value[np.isfinite(value)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (math.inf, -math.inf)
+    if axis is None or value.ndim < 2:
+        return Extremes(value.dtype, low, high, None, 0)
+    axis %= value.ndim
+    others = tuple(a for a in range(value.ndim) if a != axis)
+    return Extremes(value.dtype, low, high, value.sum(axis=others, dtype=np.float64), value.size // max(value.shape[axis], 1))
+
+
+def _run(session, names: list[str], feed: Feed) -> list[np.ndarray]:
+    try:
+        return session.run(names, feed)
+    except Exception as exc:  # ORT raises its own types for kernel and feed failures
+        raise OnnxShrinkError(f"onnxruntime failed on a calibration sample: {str(exc).splitlines()[0]}") from None
+
+
+def _float_ranks(model: onnx.ModelProto, names: list[str]) -> dict[str, int | None]:
+    """name -> rank (None if unknown) for the `names` that shape inference says are float32."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # inference fails on some valid models (custom ops, odd shapes): tap everything whole
+        return {}
+    wanted, found = set(names), {}
+    for info in [*inferred.value_info, *inferred.output]:
+        tensor = info.type.tensor_type if info.type.HasField("tensor_type") else None
+        if info.name in wanted and tensor is not None and tensor.elem_type == onnx.TensorProto.FLOAT:
+            found[info.name] = len(tensor.shape.dim) if tensor.HasField("shape") else None
+    return found
+
+
+def _with_reductions(model, names, channel_axes, ranks) -> tuple[onnx.ModelProto, dict[str, tuple]]:
+    """A copy of `model` with min/max (and channel-sum, size) nodes on `names`; name -> output names."""
+    reduced = onnx.ModelProto()
+    reduced.CopyFrom(model)
+    graph = reduced.graph
+    taken = all_names(reduced)
+    opset = opset_version(reduced) or 1
+    fetches = {}
+    for name in names:
+        low, high = unique_name(f"{name}_min", taken), unique_name(f"{name}_max", taken)
+        graph.node.extend([onnx.helper.make_node("ReduceMin", [name], [low], keepdims=0, name=low),
+                           onnx.helper.make_node("ReduceMax", [name], [high], keepdims=0, name=high)])
+        total = size = None
+        if name in channel_axes and ranks[name] >= 2:
+            rank = ranks[name]
+            others = [a for a in range(rank) if a != channel_axes[name] % rank]
+            total, size = unique_name(f"{name}_channel_sum", taken), unique_name(f"{name}_size", taken)
+            if opset >= 13:  # axes moved from an attribute to an input
+                axes = unique_name(f"{name}_sum_axes", taken)
+                graph.initializer.append(onnx.numpy_helper.from_array(np.array(others, np.int64), axes))
+                summed = onnx.helper.make_node("ReduceSum", [name, axes], [total], keepdims=0, name=total)
+            else:
+                summed = onnx.helper.make_node("ReduceSum", [name], [total], axes=others, keepdims=0, name=total)
+            graph.node.extend([summed, onnx.helper.make_node("Size", [name], [size], name=size)])
+        fetches[name] = (low, high, total, size)
+    return reduced, fetches

@@ -29,10 +29,14 @@ class Histogram:
 
     def update(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float32).ravel()
-        values = values[np.isfinite(values)] if not np.all(np.isfinite(values)) else values
         if values.size == 0:
             return
         low, high = float(values.min()), float(values.max())
+        if not (math.isfinite(low) and math.isfinite(high)):  # min/max carry any NaN or inf: filter only then
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                return
+            low, high = float(values.min()), float(values.max())
         self.min, self.max = min(self.min, low), max(self.max, high)
         self.seen += values.size
         if self.bins == 0:
@@ -47,6 +51,15 @@ class Histogram:
         index = ((values + np.float32(self.radius)) * np.float32(self.bins / (2 * self.radius))).astype(np.int32)
         np.clip(index, 0, self.bins - 1, out=index)
         self.counts += np.bincount(index, minlength=self.bins)
+
+    def update_extremes(self, low: float, high: float) -> None:
+        """Fold in a sample known only by its extremes (bins=0 only: there is nothing to bin).
+        `seen` then counts samples rather than values; only whether it is zero matters."""
+        if self.bins:
+            raise ValueError("only an extremes-only Histogram (bins=0) takes extremes")
+        if low <= high:
+            self.min, self.max = min(self.min, low), max(self.max, high)
+            self.seen += 1
 
     def _grow(self, reach: float) -> None:
         radius = 2.0 ** math.ceil(math.log2(reach)) if reach > 0 else 0.0
