@@ -55,17 +55,27 @@ PEERS = {
     "ORT dynamic": ("ort-dynamic", {"per_channel": True, "weight_type": "QInt8"}),
     "ORT MatMulNBits 4-bit": ("ort-nbits", {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4}),
 }
-# onnxshrink pipelines, run through onnxshrink.compress.
-STATIC_INT8 = ["quantize-int8", "quantize-int8(calibration=entropy)", "quantize-int8(calibration=mse)",
+# onnxshrink pipelines, run through onnxshrink.compress. minmax is the like-for-like row for
+# ORT static (MinMax); the default calibration is mse.
+STATIC_INT8 = ["quantize-int8(calibration=minmax)", "quantize-int8", "quantize-int8(calibration=entropy)",
                "mixed-precision(budget=cosine>=0.99)"]
 WEIGHT_ONLY = ["quantize-dynamic", "quantize-weights(bits=4,method=rtn)", "quantize-weights(bits=4,method=gptq)"]
+# Accuracy aids one at a time against the default row: bias correction off; cross-layer
+# equalization (with per-channel weights, and with per-tensor weights, where it is meant to help);
+# SmoothQuant for the transformer.
+AIDS = ["quantize-int8(bias_correction=false)", "quantize-int8(equalize=true)", "quantize-int8(per_channel=false)",
+        "quantize-int8(per_channel=false,equalize=true)"]
 # (model -> rows): a name in PEERS is the peer, anything else an onnxshrink pipeline.
 PLAN = {
-    "digits": ["ORT static s8", "ORT dynamic", *STATIC_INT8, *WEIGHT_ONLY],
-    "yolov8n": ["ORT static s8", "ORT static u8", *STATIC_INT8],
-    "ppocr": ["ORT static s8", "ORT static u8", *STATIC_INT8],
-    "minilm": ["ORT static s8", "ORT dynamic", "ORT MatMulNBits 4-bit", *STATIC_INT8, *WEIGHT_ONLY],
+    "digits": ["ORT static s8", "ORT dynamic", *STATIC_INT8, *AIDS, *WEIGHT_ONLY],
+    "yolov8n": ["ORT static s8", "ORT static u8", *STATIC_INT8, AIDS[0]],  # no Relu-joined pairs to equalize
+    "ppocr": ["ORT static s8", "ORT static u8", *STATIC_INT8, *AIDS],
+    "minilm": ["ORT static s8", "ORT dynamic", "ORT MatMulNBits 4-bit", *STATIC_INT8, AIDS[0],
+               "quantize-int8(smooth=0.5)", *WEIGHT_ONLY],
 }
+# Calibration samples per model. GPTQ's layer Hessians on MiniLM (K up to 1536) need more tokens
+# than 16 short sentences hold; every tool gets the same 128.
+CALIBRATION = {"digits": 16, "yolov8n": 16, "ppocr": 16, "minilm": 128}
 # --rss-sweep: (model, default sample counts) and the two tools compared.
 SWEEP = {"digits": (50, 500), "yolov8n": (8, 64)}
 SWEEP_ROWS = ["ORT static s8", "ORT static entropy", "quantize-int8(calibration=minmax)", "quantize-int8"]
@@ -299,8 +309,9 @@ def latency_cell(variant: Variant, base: Variant, threads: int) -> str:
 def bench_model(key: str, args, workdir: Path) -> tuple[list[list[str]], str]:
     bench = MODELS[key]
     model = bench.fetch()
-    calib = inputs.calibration_npz(bench.calib_name, workdir / f"{key}-calib.npz", args.calib)
-    test = bench.test_set(args.calib, args.test)
+    count = args.calib or CALIBRATION[key]
+    calib = inputs.calibration_npz(bench.calib_name, workdir / f"{key}-calib.npz", count)
+    test = bench.test_set(count, args.test)
     fp32 = Variant("fp32", model)
     variants = [fp32]
     for index, label in enumerate(PLAN[key]):
@@ -378,10 +389,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--runs", type=int, default=30, help="timed runs per variant and thread count (interleaved)")
-    parser.add_argument("--calib", type=int, default=16, help="calibration samples (images, sentences, rows)")
+    parser.add_argument("--calib", type=int, default=None,
+                        help="calibration samples (images, sentences, rows; default: "
+                             + ", ".join(f"{k} {v}" for k, v in CALIBRATION.items()) + ")")
     parser.add_argument("--test", type=int, default=None,
                         help="test samples per model (default: digits the rest of the split, YOLOv8n 32, "
-                             "PP-OCR 16, MiniLM the other 48 sentences)")
+                             "PP-OCR 16, MiniLM the other 64 sentences)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds one quantization may take before its row says it timed out "
                              f"(default {TABLE_TIMEOUT:.0f}; --rss-sweep {SWEEP_TIMEOUT:.0f})")
@@ -414,7 +427,8 @@ def main() -> int:
                 rows.append(error_row(key, exc))
     print(markdown(["model", "tool / pipeline", "file KB", "size ×", "fidelity vs fp32 (test data)",
                     "latency × 1 thread", "latency × 2 threads", "quant s", "quant peak RSS MB", "note"], rows))
-    print(f"\nCalibration: {args.calib} samples (models/inputs.calibration_npz), the same .npz for every tool. "
+    counts = ", ".join(f"{MODELS[k].title} {args.calib or CALIBRATION[k]}" for k in args.models)
+    print(f"\nCalibration samples: {counts} (models/inputs.calibration_npz), the same .npz for every tool. "
           f"Test data, held out where the inputs allow:")
     for about in abouts:
         print(f"- {about}")

@@ -32,6 +32,8 @@ from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
 from onnxshrink.runtime import make_session, u8s8_saturates
 
+from .equalize import Equalize
+
 # op -> positions of inputs that are quantized activations (None: all inputs)
 _WEIGHTED = {"Conv": (0,), "MatMul": (0, 1), "Gemm": (0,)}
 _COMPUTE = {"Add": None, "Mul": None, "Concat": None, "AveragePool": (0,), "GlobalAveragePool": (0,),
@@ -64,6 +66,9 @@ class QuantizeInt8(Pass):
                                    choices=("auto", "on", "off"))
         per_channel: bool = option(True, "one weight scale per output channel (needs opset 13; older models are upgraded)")
         bias_correction: bool = option(True, "shift biases by the weight rounding error times the mean layer input")
+        equalize: bool = option(False, "cross-layer equalization first (the `equalize` pass): evens out channel "
+                                       "weight ranges across Conv/Gemm/MatMul pairs joined by Relu-like ops; "
+                                       "pays off mainly with per_channel=false")
         smooth: float = option(0.0, "SmoothQuant strength alpha for MatMul inputs with outlier channels: "
                                     "moves range from activations into weights (0 = off; 0.5 is typical)", low=0, high=1)
         concat_ratio: float = option(16.0, "a Concat whose inputs' ranges differ by more than this stays float", low=1)
@@ -79,6 +84,9 @@ class QuantizeInt8(Pass):
         original = model
         notes: list[Note] = _float_by_design(model)
         model = _ensure_opset(model, 13 if opts.per_channel else 10, notes)
+        if opts.equalize:  # before calibration, which must see the rescaled activations
+            equalized = Equalize().run(model, context)
+            model, notes = equalized.model, notes + equalized.notes
         graph = model.graph
         constants_to_initializers(graph)
         initializers = {t.name: t for t in graph.initializer}
@@ -669,15 +677,20 @@ def _quantize_weight(node, initializers, stats: Stats, activation_params, add, h
         bias = bias + correction.astype(np.float32)  # float output = Wq x + (W - Wq) x + b
     if bias is not None and bias.ndim == 1 and bias_position:
         # Bias as int32 at scale input*weight, the form ORT's QLinearConv/QGemm fusion expects.
-        bias_scale = (input_scale * scale).astype(np.float32) * np.ones(bias.shape, np.float32)
+        # Per-tensor weights keep a scalar bias scale: a 1-D scale needs opset 13, which only
+        # per-channel quantization upgrades to.
+        bias_scale = (input_scale * scale).astype(np.float32)
+        if opts.per_channel:
+            bias_scale = bias_scale * np.ones(bias.shape, np.float32)
         safe = np.where(bias_scale > 0, bias_scale, 1.0)
         bias_codes = np.clip(np.rint(bias / safe), -2**31, 2**31 - 1).astype(np.int32)
         base = bias_name or f"{node.output[0]}_bias"
         bias_out = unique_name(f"{base}_dequantized", names)
         head.append(helper.make_node("DequantizeLinear", [add(bias_codes, f"{base}_quantized"),
                                                           add(bias_scale, f"{base}_scale"),
-                                                          add(np.zeros(bias.shape, np.int32), f"{base}_zero_point")],
-                                     [bias_out], name=unique_name(f"{base}_DQ", names), axis=0))
+                                                          add(np.zeros(bias_scale.shape, np.int32), f"{base}_zero_point")],
+                                     [bias_out], name=unique_name(f"{base}_DQ", names),
+                                     **({"axis": 0} if opts.per_channel else {})))
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = bias_out

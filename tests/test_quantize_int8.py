@@ -139,6 +139,14 @@ def test_old_opset_is_upgraded_for_per_channel_weights():
     assert any("upgraded" in n.message for n in result.report.passes[0].notes)
 
 
+def test_per_tensor_weights_keep_an_old_opset_valid():
+    # A per-channel bias scale would need opset 13; per-tensor weights keep every scale scalar.
+    result = quantize(conv_model(opset=11), conv_feeds(8), "quantize-int8(per_channel=false)")
+    assert result.report.passes[0].status == "applied", result.report.passes[0].message
+    assert onnxshrink.graph.opset_version(result.model) == 11
+    assert all(not any(a.name == "axis" for a in n.attribute) for n in result.model.graph.node)
+
+
 def test_include_and_exclude_by_name_and_type():
     model = conv_model()
     only_first = quantize(model, conv_feeds(8), "quantize-int8(include=[conv1])").model
