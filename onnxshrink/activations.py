@@ -182,3 +182,33 @@ def _with_reductions(model, names, channel_axes, ranks) -> tuple[onnx.ModelProto
             graph.node.extend([summed, onnx.helper.make_node("Size", [name], [size], name=size)])
         fetches[name] = (low, high, total, size)
     return reduced, fetches
+
+
+class Gram:
+    """sum x^T y (y = x unless given) in float64 over row batches, kept until a batch is big
+    enough for one efficient matmul (one sample's few rows at a time run about ten times slower)."""
+
+    BATCH_ELEMENTS = 2**20
+
+    def __init__(self, size: int, other_size: int | None = None):
+        self.size = size
+        self.sum = np.zeros((size, size if other_size is None else other_size))
+        self.pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.rows = 0
+
+    def add(self, rows: np.ndarray, other_rows: np.ndarray | None = None) -> None:
+        self.pending.append((rows, other_rows))
+        self.rows += len(rows)
+        if self.rows * self.size >= self.BATCH_ELEMENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            x = np.concatenate([rows for rows, _ in self.pending]).astype(np.float64)
+            y = x if self.pending[0][1] is None else np.concatenate([o for _, o in self.pending]).astype(np.float64)
+            self.sum += x.T @ y
+            self.pending, self.rows = [], 0
+
+    def total(self) -> np.ndarray:
+        self._flush()
+        return self.sum

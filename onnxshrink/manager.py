@@ -123,7 +123,7 @@ def compress(model, pipeline, calibration=None, max_drift: str | None = None, sa
     original = model_stats(current)
     records = []
     progress = _progress_bar(show_progress)
-    context = PassContext(data=data, data_is_real=data.real, progress=progress, warn=log.warning)
+    context = PassContext(data=data, data_is_real=data.real, progress=progress, warn=log.warning, reference=current)
     fidelity: dict = {"cosine": 1.0, "max_abs": 0.0, "max_rel": 0.0}
     for step in progress(pipeline.passes, desc="passes", unit="pass"):
         record, candidate = _run_step(step, current, context, strict_check, names, reference, feeds, bounds)

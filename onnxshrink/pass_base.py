@@ -32,6 +32,7 @@ class PassContext:
     """What a pass may use besides the model."""
 
     data: "CalibrationData | None" = None
+    reference: onnx.ModelProto | None = None  # the pipeline's input model, for passes that refit to it
     data_is_real: bool = False
     progress: Callable = lambda iterable, **_: iterable  # wraps long loops in a progress bar
     warn: Callable[[str], None] = lambda message: None

@@ -59,7 +59,7 @@ import scipy.linalg
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink import ops
-from onnxshrink.activations import main_graph_tensors, stream_tensors
+from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors
 from onnxshrink.errors import OnnxShrinkError, UsageError
 from onnxshrink.graph import all_names, constants_to_initializers, opset_version, outer_scope_names, subgraphs, unique_name, walk_nodes
 from onnxshrink.options import PassOptions, option
@@ -299,7 +299,7 @@ class QuantizeWeights(Pass):
         tappable = main_graph_tensors(model)
         initializers = {t.name: t for t in model.graph.initializer}
         layer_inputs: dict[str, tuple] = {}
-        sums: dict[tuple[str, bool], _Gram] = {}
+        sums: dict[tuple[str, bool], Gram] = {}
         for weight in weights:
             keys = tuple(sorted({(node.input[0], node.op_type == "Gemm" and bool(_attr(node, "transA", 0)))
                                  for node in weight.consumers}))
@@ -309,7 +309,7 @@ class QuantizeWeights(Pass):
             layer_inputs[weight.name] = keys
             dims = initializers[weight.name].dims
             for key in keys:
-                sums.setdefault(key, _Gram(dims[0] if weight.stored_kn else dims[1]))
+                sums.setdefault(key, Gram(dims[0] if weight.stored_kn else dims[1]))
         if sums:
             names = sorted({name for name, _ in sums})
             samples = islice(iter(context.data), self.options.max_samples)
@@ -318,35 +318,6 @@ class QuantizeWeights(Pass):
                     x = np.asarray(values[name])
                     gram.add((x.T if transposed else x).reshape(-1, gram.size))
         return {weight: (keys, {key: sums[key].total() for key in keys}) for weight, keys in layer_inputs.items()}
-
-
-class _Gram:
-    """sum x^T x in float64 over row batches, kept until a batch is big enough for one efficient
-    matmul (one sample's few rows at a time run about ten times slower)."""
-
-    BATCH_ELEMENTS = 2**20
-
-    def __init__(self, size: int):
-        self.size = size
-        self.sum = np.zeros((size, size))
-        self.pending: list[np.ndarray] = []
-        self.rows = 0
-
-    def add(self, rows: np.ndarray) -> None:
-        self.pending.append(rows)
-        self.rows += len(rows)
-        if self.rows * self.size >= self.BATCH_ELEMENTS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.pending:
-            x = np.concatenate(self.pending).astype(np.float64)
-            self.sum += x.T @ x
-            self.pending, self.rows = [], 0
-
-    def total(self) -> np.ndarray:
-        self._flush()
-        return self.sum
 
 
 # --------------------------------------------------------------------- quantizers

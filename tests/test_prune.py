@@ -1,0 +1,124 @@
+"""prune (magnitude / obs, unstructured / N:M, layer / global) and reconstruct."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxshrink
+from onnxshrink.errors import OnnxShrinkError
+from onnxshrink.passes.prune import _magnitude, sparsegpt
+from helpers import run
+
+
+def weights_of(model) -> dict:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# ---------------------------------------------------------------- the OBS solver
+def test_obs_moves_outputs_far_less_than_magnitude_at_the_same_sparsity():
+    rng = np.random.default_rng(0)
+    mixing = rng.standard_normal((32, 32))
+    x = rng.standard_normal((2000, 32)) @ mixing  # correlated inputs: where OBS's updates pay off
+    w = rng.standard_normal((32, 16))
+    for n_m in (None, (2, 4)):
+        obs = sparsegpt(w, x.T @ x, 0.5, n_m, block=8)
+        magnitude = _magnitude(w, 0.5, n_m)
+        assert np.isclose(np.mean(obs == 0), 0.5) and np.isclose(np.mean(magnitude == 0), 0.5)
+        error = lambda v: np.linalg.norm(x @ (v - w)) / np.linalg.norm(x @ w)
+        # measured: 0.19 vs 0.24 unstructured, 0.30 vs 0.36 at 2:4
+        assert error(obs) < 0.85 * error(magnitude), (n_m, error(obs), error(magnitude))
+
+
+# ---------------------------------------------------------------- patterns on a built MLP
+def mlp(inputs=16):
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((inputs, 64)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, inputs])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def feeds(count=4, inputs=16):
+    rng = np.random.default_rng(2)
+    return [{"x": rng.standard_normal((8, inputs)).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "obs"])
+def test_two_of_four_along_the_reduction_axis(method):
+    result = onnxshrink.compress(mlp(), f"prune(pattern=2:4,method={method},min_elements=1)", calibration=feeds())
+    w = weights_of(result.model)
+    assert np.all((w["w1"].reshape(4, 4, 64) != 0).sum(axis=1) <= 2)  # [K, N]: groups along K
+    assert np.all((w["w2"].T.reshape(16, 4, 32) != 0).sum(axis=1) <= 2)  # transB: stored [N, K]
+    assert np.array_equal(w["b2"], weights_of(mlp())["b2"])  # biases are not pruned
+
+
+def test_n_m_skips_a_layer_whose_inputs_do_not_divide():
+    result = onnxshrink.compress(mlp(inputs=18), "prune(pattern=4:8,min_elements=1)", calibration=feeds(inputs=18))
+    notes = {n.where: n.message for n in result.report.passes[0].notes}
+    assert "not a multiple of 8" in notes["fc1"]
+    assert np.count_nonzero(weights_of(result.model)["w1"]) == 18 * 64  # left dense
+    assert np.mean(weights_of(result.model)["w2"] == 0) == 0.5
+
+
+def test_global_scope_spends_sparsity_where_weights_are_small():
+    model = mlp()
+    w = weights_of(model)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w["w1"] * 0.1, "w1"))  # fc1: ten times smaller
+    result = onnxshrink.compress(model, "prune(sparsity=0.5,scope=global,min_elements=1)", calibration=feeds())
+    pruned = weights_of(result.model)
+    assert np.mean(pruned["w1"] == 0) > 0.9 and np.mean(pruned["w2"] == 0) < 0.3
+    total = np.concatenate([pruned["w1"].ravel(), pruned["w2"].ravel()])
+    assert abs(np.mean(total == 0) - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("spec", ["prune(sparsity=1.0)", "prune(sparsity=-0.1)", "prune(pattern=3:4)"])
+def test_bad_options_are_refused(spec):
+    with pytest.raises(OnnxShrinkError):
+        onnxshrink.compress(mlp(), spec, calibration=feeds())
+
+
+def test_obs_without_data_is_a_clear_error():
+    from onnxshrink.passes.prune import Prune
+
+    with pytest.raises(OnnxShrinkError, match="calibration data"):
+        Prune(method="obs", min_elements=1).run(mlp(), onnxshrink.pass_base.PassContext())
+
+
+def test_reconstruct_needs_the_original_and_keeps_zeros():
+    from onnxshrink.passes.reconstruct import Reconstruct
+
+    with pytest.raises(OnnxShrinkError, match="original model"):
+        Reconstruct().run(mlp(), onnxshrink.pass_base.PassContext())
+    result = onnxshrink.compress(mlp(), "prune(sparsity=0.6,min_elements=1),reconstruct", calibration=feeds(16))
+    pruned, refit = result.report.passes
+    assert refit.status == "applied"
+    w = weights_of(result.model)
+    assert np.mean(w["w1"] == 0) >= 0.599 and np.mean(w["w2"] == 0) >= 0.599  # the support is kept
+    assert refit.fidelity["cosine"] > pruned.fidelity["cosine"]
+    assert all("->" in n.message for n in refit.notes)
+
+
+# ---------------------------------------------------------------- the digits MLP (real data)
+@pytest.mark.parametrize("spec, max_drop", [
+    ("prune(sparsity=0.5)", 0.005),
+    ("prune(sparsity=0.8,method=obs),reconstruct", 0.01),
+    ("prune(sparsity=0.9,method=obs,scope=global),reconstruct", 0.02),
+])
+def test_digits_mlp_keeps_accuracy(digits_mlp_path, spec, max_drop):
+    import zoo
+
+    x, labels = zoo.digits_test()
+    calibration, test, truth = [{"input": x[:300]}], {"input": x[300:]}, labels[300:]  # held out
+    model = onnx.load(digits_mlp_path)
+    result = onnxshrink.compress(model, spec, calibration=calibration, samples=1)
+    baseline = np.mean(run(model, test)[0].argmax(1) == truth)
+    accuracy = np.mean(run(result.model, test)[0].argmax(1) == truth)
+    assert accuracy >= baseline - max_drop, (spec, baseline, accuracy)
+    sparsity = float(spec.split("sparsity=")[1].split(",")[0].rstrip(")"))
+    gemms = [w for w in weights_of(result.model).values() if w.ndim == 2]
+    assert np.mean(np.concatenate([w.ravel() for w in gemms]) == 0) >= sparsity - 0.01
