@@ -46,12 +46,7 @@ def stream_tensors(model: onnx.ModelProto, names: list[str], data: Iterable[Feed
     """Yield, per sample, a dict name -> value of the tensors `names` (main-graph tensors only).
 
     Graph inputs among `names` are returned from the feed itself."""
-    available = main_graph_tensors(model)
-    missing = [n for n in names if n not in available]
-    if missing:
-        raise OnnxShrinkError(f"tensor '{missing[0]}' is not a main-graph tensor and cannot be observed")
-    inputs = {i.name for i in model.graph.input}
-    computed = [n for n in dict.fromkeys(names) if n not in inputs]
+    inputs, computed = _observable(model, names)
     session = make_session(with_outputs(model, computed), threads=threads) if computed else None
     for feed in progress(data, desc="calibration", unit="sample"):
         values = {n: feed[n] for n in names if n in inputs}
@@ -76,12 +71,7 @@ def stream_extremes(model: onnx.ModelProto, names: list[str], channel_axes: dict
     the session and scanning it again in numpy costs about as much as running the model.
     Other tensors are tapped whole. A non-finite extreme (an inf mask, a NaN) sends that tensor
     to the whole-tensor path for this and later samples, where non-finite values are dropped."""
-    available = main_graph_tensors(model)
-    missing = [n for n in names if n not in available]
-    if missing:
-        raise OnnxShrinkError(f"tensor '{missing[0]}' is not a main-graph tensor and cannot be observed")
-    inputs = {i.name for i in model.graph.input}
-    computed = [n for n in dict.fromkeys(names) if n not in inputs]
+    inputs, computed = _observable(model, names)
     types = _float_ranks(model, computed)
     reducible = [n for n in computed if n in types and (n not in channel_axes or types[n] is not None)]
     reduced_model, fetches = _with_reductions(model, reducible, channel_axes, types)
@@ -112,6 +102,17 @@ def stream_extremes(model: onnx.ModelProto, names: list[str], channel_axes: dict
             for name, value in zip(fallback_names, _run(fallback, fallback_names, feed)):
                 summaries[name] = _summary(value, channel_axes.get(name))
         yield summaries
+
+
+def _observable(model: onnx.ModelProto, names: list[str]) -> tuple[set[str], list[str]]:
+    """(graph input names, the other `names` in order without repeats); refuses a name that is
+    not a main-graph tensor (subgraph-local tensors cannot be tapped from outside)."""
+    available = main_graph_tensors(model)
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise OnnxShrinkError(f"tensor '{missing[0]}' is not a main-graph tensor and cannot be observed")
+    inputs = {i.name for i in model.graph.input}
+    return inputs, [n for n in dict.fromkeys(names) if n not in inputs]
 
 
 class Extremes(NamedTuple):
