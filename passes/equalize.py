@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
-from onnxshrink.graph import constants_to_initializers, walk_graphs
+from onnxshrink.graph import attribute, constants_to_initializers, walk_graphs
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
@@ -77,7 +77,7 @@ class Layer:
     def in_ranges(self, arrays) -> np.ndarray:
         w = arrays[self.weight]
         if self.node.op_type == "Conv":  # input channel i = group i // per_group, slice i % per_group
-            groups = _attribute(self.node, "group", 1)
+            groups = attribute(self.node, "group", 1)
             per_out = w.shape[0] // groups
             sliced = np.abs(w).reshape(groups, per_out, w.shape[1], -1).max(axis=(1, 3))  # [groups, per_group]
             return sliced.reshape(-1)
@@ -91,7 +91,7 @@ class Layer:
     def scale_in(self, arrays, factor: np.ndarray) -> None:
         w = arrays[self.weight]
         if self.node.op_type == "Conv":
-            groups = _attribute(self.node, "group", 1)
+            groups = attribute(self.node, "group", 1)
             per_group = factor.reshape(groups, w.shape[1])  # [groups, in per group]
             expanded = np.repeat(per_group, w.shape[0] // groups, axis=0)  # [out, in per group]
             arrays[self.weight] = w * expanded.reshape(expanded.shape + (1,) * (w.ndim - 2))
@@ -100,12 +100,12 @@ class Layer:
 
     def _out_axis(self) -> int:
         if self.node.op_type == "Gemm":
-            return 0 if _attribute(self.node, "transB", 0) else 1
+            return 0 if attribute(self.node, "transB", 0) else 1
         return 0 if self.node.op_type == "Conv" else 1
 
     def _in_axis(self) -> int:
         if self.node.op_type == "Gemm":
-            return 1 if _attribute(self.node, "transB", 0) else 0
+            return 1 if attribute(self.node, "transB", 0) else 0
         return 0  # MatMul [K, N]; Conv is handled by groups
 
 
@@ -197,7 +197,7 @@ def _layer(node, owned: set[str], floats: dict, scales_output: bool = True) -> L
         return None  # shared, computed, scalar or 2-D: cannot be rescaled per channel
     if node.op_type == "Conv" and rank >= 3:
         return Layer(node, node.input[1], bias)
-    if node.op_type == "Gemm" and rank == 2 and not _attribute(node, "transA", 0):
+    if node.op_type == "Gemm" and rank == 2 and not attribute(node, "transA", 0):
         return Layer(node, node.input[1], bias)
     if node.op_type == "MatMul" and rank == 2:
         return Layer(node, node.input[1], None)
@@ -207,9 +207,6 @@ def _layer(node, owned: set[str], floats: dict, scales_output: bool = True) -> L
 def _array(tensor) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
-
-def _attribute(node, name, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _channels_first(array: np.ndarray, axis: int) -> np.ndarray:

@@ -23,11 +23,11 @@ from itertools import islice
 import numpy as np
 import onnx
 import scipy.linalg
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.graph import constants_to_initializers
+from onnxshrink.graph import attribute, constants_to_initializers
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
@@ -147,7 +147,7 @@ class Layer:
 
     @property
     def supports_obs(self) -> bool:
-        return self.node.op_type == "MatMul" or (self.node.op_type == "Gemm" and not _attribute(self.node, "transA", 0))
+        return self.node.op_type == "MatMul" or (self.node.op_type == "Gemm" and not attribute(self.node, "transA", 0))
 
     def matrix(self, weights) -> np.ndarray:
         self._tensor = weights[self.weight]
@@ -155,7 +155,7 @@ class Layer:
         if self.node.op_type == "Conv":  # [O, I, kh, kw] -> [kh*kw*I, O]: input channels adjacent
             return array.transpose(2, 3, 1, 0).reshape(-1, array.shape[0]) if array.ndim == 4 else \
                 array.reshape(array.shape[0], -1).T
-        if self.node.op_type == "Gemm" and _attribute(self.node, "transB", 0):
+        if self.node.op_type == "Gemm" and attribute(self.node, "transB", 0):
             return array.T
         return array
 
@@ -167,7 +167,7 @@ class Layer:
                 array = matrix.reshape(kh, kw, inp, out).transpose(3, 2, 0, 1)
             else:
                 array = matrix.T.reshape(dims)
-        elif self.node.op_type == "Gemm" and _attribute(self.node, "transB", 0):
+        elif self.node.op_type == "Gemm" and attribute(self.node, "transB", 0):
             array = matrix.T
         else:
             array = matrix
@@ -272,6 +272,3 @@ def _hessians(model, layers: list[Layer], max_samples: int, context: PassContext
             gram.add(value.reshape(-1, gram.size))
     return {weight: grams[source].total() for weight, source in owners.items()}
 
-
-def _attribute(node, name, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)

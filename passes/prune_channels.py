@@ -34,7 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxshrink.errors import UsageError
-from onnxshrink.graph import (all_names, constants_to_initializers, model_stats, opset_version,
+from onnxshrink.graph import (all_names, attribute, constants_to_initializers, model_stats, opset_version,
                               outer_scope_names, subgraphs, unique_name, walk_graphs)
 from onnxshrink.pass_base import Note
 
@@ -207,7 +207,7 @@ class ChannelFlow:
             return self.follow_layer(index, node, *shape)
         if not any(n in self.channels for n in node.input):
             return None
-        if node.op_type == "Conv" and _attribute(node, "group", 1) != 1:
+        if node.op_type == "Conv" and attribute(node, "group", 1) != 1:
             return "grouped Conv (not depthwise) is not pruned"
         if node.op_type in _ELEMENTWISE:
             return self.follow_elementwise(index, node)
@@ -228,7 +228,7 @@ class ChannelFlow:
         has_bias = len(node.input) > 2 and bool(node.input[2])
         if weight is None or (has_bias and node.input[2] not in self.constants):
             return None
-        rank, group = len(weight.dims), _attribute(node, "group", 1)
+        rank, group = len(weight.dims), attribute(node, "group", 1)
         if node.op_type == "Conv" and rank >= 3:
             if group == 1:
                 return 1, 0
@@ -236,8 +236,8 @@ class ChannelFlow:
                 return None, 0
         if node.op_type == "ConvTranspose" and rank >= 3 and group == 1:
             return 0, 1
-        if node.op_type == "Gemm" and rank == 2 and not _attribute(node, "transA", 0):
-            return (1, 0) if _attribute(node, "transB", 0) else (0, 1)
+        if node.op_type == "Gemm" and rank == 2 and not attribute(node, "transA", 0):
+            return (1, 0) if attribute(node, "transB", 0) else (0, 1)
         if node.op_type == "MatMul" and rank == 2:
             return 0, 1
         return None
@@ -331,7 +331,7 @@ class ChannelFlow:
         if any(p is None for p in parts):
             return "Concat of tensors whose channels the flow does not know"
         first = parts[0]
-        axis = _attribute(node, "axis", 0)
+        axis = attribute(node, "axis", 0)
         if axis >= 0:
             if first.rank is None:
                 return "Concat along an axis of unknown rank"
@@ -352,7 +352,7 @@ class ChannelFlow:
         source = self.channels.get(node.input[0])
         if source is None:
             return "channels reach the split sizes"
-        axis = _attribute(node, "axis", 0)
+        axis = attribute(node, "axis", 0)
         if axis >= 0:
             if source.rank is None:
                 return "Split along an axis of unknown rank"
@@ -375,7 +375,7 @@ class ChannelFlow:
     def split_sizes(self, node: onnx.NodeProto, count: int) -> list[int] | None:
         if len(node.input) > 1 and node.input[1]:
             return self.array(node.input[1]).astype(int).tolist() if node.input[1] in self.constants else None
-        given = _attribute(node, "split", None)
+        given = attribute(node, "split", None)
         if given is not None:
             return list(given)
         chunk = math.ceil(count / len(node.output))  # opset 18 splits unevenly: the last piece is smaller
@@ -441,14 +441,14 @@ def set_split_sizes(graph: onnx.GraphProto, index: int, sizes: list[int], opset:
                     taken: set[str]) -> None:
     node = graph.node[index]
     if opset < 13:
-        for attribute in [a for a in node.attribute if a.name == "split"]:
-            node.attribute.remove(attribute)
+        for stale in [a for a in node.attribute if a.name == "split"]:
+            node.attribute.remove(stale)
         node.attribute.append(helper.make_attribute("split", sizes))
     elif len(node.input) > 1 and node.input[1]:
         values[(index, 1)] = np.array(sizes, dtype=np.int64)
     else:  # sizes were implied (equal pieces, or opset 18's num_outputs): now they must be given
-        for attribute in [a for a in node.attribute if a.name == "num_outputs"]:
-            node.attribute.remove(attribute)
+        for stale in [a for a in node.attribute if a.name == "num_outputs"]:
+            node.attribute.remove(stale)
         name = unique_name(f"{node.name or node.output[0]}_split", taken)
         graph.initializer.append(numpy_helper.from_array(np.array(sizes, dtype=np.int64), name))
         node.input.append(name)
@@ -505,6 +505,3 @@ def _declared_ranks(model: onnx.ModelProto) -> dict[str, int]:
             ranks[info.name] = len(info.type.tensor_type.shape.dim)
     return ranks
 
-
-def _attribute(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)

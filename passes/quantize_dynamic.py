@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.graph import all_names, opset_version, subgraphs, unique_name, walk_graphs
+from onnxshrink.graph import all_names, attribute, opset_version, subgraphs, unique_name, walk_graphs
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
@@ -186,12 +186,6 @@ def _where(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
 
 # ---------------------------------------------------------------------------------------------
 # Which nodes to quantize, and why the others stay float.
@@ -297,15 +291,15 @@ class _Planner:
             return None, f"weight has {elements} elements, fewer than min_elements={self.options.min_elements}"
         plan = _Plan(gid, node, kind, key, "rows" if kind == "gather" else "kn", columns=int(tensor.dims[1]))
         if kind == "gather":
-            if _attr(node, "axis", 0) not in (0, -2):
+            if attribute(node, "axis", 0) not in (0, -2):
                 return None, "Gather along axis 1 of the table; only row lookups are quantized"
         elif kind == "gemm":
-            if _attr(node, "transA", 0):
+            if attribute(node, "transA", 0):
                 return None, "Gemm with transA=1 is not supported"
-            plan.layout = "nk" if _attr(node, "transB", 0) else "kn"
+            plan.layout = "nk" if attribute(node, "transB", 0) else "kn"
             plan.columns = int(tensor.dims[0] if plan.layout == "nk" else tensor.dims[1])
-            plan.alpha = float(_attr(node, "alpha", 1.0))
-            plan.bias_scale = float(_attr(node, "beta", 1.0))
+            plan.alpha = float(attribute(node, "alpha", 1.0))
+            plan.bias_scale = float(attribute(node, "beta", 1.0))
             if len(node.input) > 2 and node.input[2]:
                 self._gemm_bias(plan, resolved[2], node.input[2])
         elif self.options.form == "ort":

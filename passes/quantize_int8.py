@@ -25,7 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.activations import stream_extremes, stream_tensors
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.graph import all_names, constants_to_initializers, opset_version, outer_scope_names, subgraphs, unique_name
+from onnxshrink.graph import (all_names, attribute, constants_to_initializers, opset_version, outer_scope_names,
+                              subgraphs, unique_name)
 from onnxshrink.histogram import BINS, Histogram, calibrate
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
@@ -251,7 +252,7 @@ def _quantize_tables(model, nodes, initializers, opts, notes: list[Note]) -> set
     rebuilt = []
     for node in graph.node:
         table = initializers.get(node.input[0]) if node.op_type == "Gather" and node.input else None
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        axis = attribute(node, "axis", 0)
         if (node not in nodes or table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2
                 or axis != 0 or int(np.prod(table.dims)) < 4096 or readers.get(table.name, 0) != 1):
             rebuilt.append(node)
@@ -707,7 +708,7 @@ def _bias_correction(node, weight, dequantized, axis, stats: Stats) -> np.ndarra
         return None
     error = (weight - dequantized).astype(np.float64)
     if node.op_type == "Conv":
-        groups = int(next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1))
+        groups = int(attribute(node, "group", 1))
         out_channels, in_per_group = error.shape[0], error.shape[1]
         if mean.size != in_per_group * groups:
             return None

@@ -61,7 +61,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxshrink import ops
 from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors
 from onnxshrink.errors import OnnxShrinkError, UsageError
-from onnxshrink.graph import all_names, constants_to_initializers, opset_version, outer_scope_names, subgraphs, unique_name, walk_nodes
+from onnxshrink.graph import (all_names, attribute, constants_to_initializers, opset_version, outer_scope_names,
+                              subgraphs, unique_name, walk_nodes)
 from onnxshrink.options import PassOptions, option
 from onnxshrink.packing import pack_codes
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
@@ -248,7 +249,7 @@ class QuantizeWeights(Pass):
             elif int(np.prod(tensor.dims)) < opts.min_elements:
                 notes.append(Note(where, f"kept float: {int(np.prod(tensor.dims))} elements < min_elements {opts.min_elements}"))
             else:
-                stored_kn = not (node.op_type == "Gemm" and _attr(node, "transB", 0))
+                stored_kn = not (node.op_type == "Gemm" and attribute(node, "transB", 0))
                 weights.setdefault(name, _Weight(name, [], stored_kn)).consumers.append(node)
 
         readers = _readers(graph)
@@ -273,7 +274,7 @@ class QuantizeWeights(Pass):
                 return f"weight '{weight.name}' is also read by {node.op_type} '{_where(node)}'"
         if weight.name in {o.name for o in graph.output}:
             return f"weight '{weight.name}' is also a graph output"
-        orientations = {not (n.op_type == "Gemm" and _attr(n, "transB", 0)) for n in weight.consumers}
+        orientations = {not (n.op_type == "Gemm" and attribute(n, "transB", 0)) for n in weight.consumers}
         if len(orientations) > 1:
             return f"weight '{weight.name}' is read both transposed and not"
         return None
@@ -301,7 +302,7 @@ class QuantizeWeights(Pass):
         layer_inputs: dict[str, tuple] = {}
         sums: dict[tuple[str, bool], Gram] = {}
         for weight in weights:
-            keys = tuple(sorted({(node.input[0], node.op_type == "Gemm" and bool(_attr(node, "transA", 0)))
+            keys = tuple(sorted({(node.input[0], node.op_type == "Gemm" and bool(attribute(node, "transA", 0)))
                                  for node in weight.consumers}))
             if not all(name in tappable for name, _ in keys):
                 notes.append(Note(_where(weight.consumers[0]), "GPTQ: the layer input cannot be observed (a constant); rtn instead"))
@@ -644,15 +645,9 @@ def _fits_nbits(node: onnx.NodeProto) -> bool:
     if node.op_type != "Gemm":
         return True
     has_bias = len(node.input) > 2 and bool(node.input[2])
-    return (_attr(node, "alpha", 1.0) == 1.0 and not _attr(node, "transA", 0)
-            and (not has_bias or _attr(node, "beta", 1.0) == 1.0))
+    return (attribute(node, "alpha", 1.0) == 1.0 and not attribute(node, "transA", 0)
+            and (not has_bias or attribute(node, "beta", 1.0) == 1.0))
 
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value) -> None:

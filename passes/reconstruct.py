@@ -19,10 +19,11 @@ from itertools import islice
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors
 from onnxshrink.errors import OnnxShrinkError
+from onnxshrink.graph import attribute
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
@@ -130,7 +131,7 @@ def _changed_layers(model, reference) -> tuple[list[Layer], list[Note]]:
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
-        if node.op_type == "Gemm" and (_attribute(node, "transA", 0) or _attribute(node, "alpha", 1.0) != 1.0):
+        if node.op_type == "Gemm" and (attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0):
             continue
         where = node.name or node.output[0]
         original = original_nodes.get(where)
@@ -145,7 +146,7 @@ def _changed_layers(model, reference) -> tuple[list[Layer], list[Note]]:
         if uses.get(name, 0) != 1 or node.input[0] not in tappable or original.input[0] not in original_tappable:
             notes.append(Note(where, "not refit: shared weight or an input that cannot be observed"))
             continue
-        transposed = node.op_type == "Gemm" and bool(_attribute(node, "transB", 0))
+        transposed = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
         bias, original_bias = _bias(node, model, reference, weights, original_weights, uses)
         layers.append(Layer(node, name, bias, original.input[0], (before.T if transposed else before).astype(np.float64),
                             original_bias, transposed))
@@ -201,6 +202,3 @@ def _uses(graph) -> dict[str, int]:
             counts[name] = counts.get(name, 0) + 1
     return counts
 
-
-def _attribute(node, name, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
