@@ -6,7 +6,8 @@ The job: {"tool": "ours" | "ort-static" | "ort-dynamic" | "ort-nbits", "model": 
 "out": path, "calib": stacked .npz path or null, "pipeline": text (ours), "samples": int (ours),
 "settings": {...} (the ORT call's options)}.
 
-Prints one JSON line last on stdout: {"ok": true, "wall_s", "rss_mb", "base_mb", "note"} or
+Prints one JSON line last on stdout: {"ok": true, "wall_s", "rss_mb", "base_mb", "note"} (ours adds
+"pass_s": the passes' own time, without compress()'s check of the result) or
 {"ok": false, "error", "unavailable"}. `rss_mb` is the peak RSS of the process (its high-water
 mark, see rss_mb()) minus its value after the imports, so every tool is charged for what it
 loads and allocates (the model, calibration activations, the output) and not for the Python
@@ -72,15 +73,16 @@ class StreamingReader(ortq.CalibrationDataReader):
         return next(self._samples, None)
 
 
-def run_ours(job: dict) -> str:
+def run_ours(job: dict) -> dict:
     result = onnxshrink.compress(job["model"], job["pipeline"], calibration=job["calib"], samples=job["samples"])
     onnxshrink.save(result.model, job["out"])
     problems = [p.message or f"{p.spec}: {p.status}" for p in result.report.rolled_back]
     unchanged = [p.spec for p in result.report.passes if p.status == "unchanged"]
-    return "; ".join(problems + [f"{spec}: unchanged" for spec in unchanged])
+    return {"note": "; ".join(problems + [f"{spec}: unchanged" for spec in unchanged]),
+            "pass_s": sum(p.wall_s for p in result.report.passes)}
 
 
-def run_ort_static(job: dict) -> str:
+def run_ort_static(job: dict) -> dict:
     settings = job["settings"]
     ortq.quantize_static(
         job["model"], job["out"], StreamingReader(job["calib"]),
@@ -88,17 +90,17 @@ def run_ort_static(job: dict) -> str:
         activation_type=getattr(ortq.QuantType, settings.get("activation_type", "QInt8")),
         weight_type=getattr(ortq.QuantType, settings.get("weight_type", "QInt8")),
         calibrate_method=getattr(ortq.CalibrationMethod, settings.get("calibrate_method", "MinMax")))
-    return ""
+    return {"note": ""}
 
 
-def run_ort_dynamic(job: dict) -> str:
+def run_ort_dynamic(job: dict) -> dict:
     settings = job["settings"]
     ortq.quantize_dynamic(job["model"], job["out"], per_channel=settings.get("per_channel", True),
                           weight_type=getattr(ortq.QuantType, settings.get("weight_type", "QInt8")))
-    return ""
+    return {"note": ""}
 
 
-def run_ort_nbits(job: dict) -> str:
+def run_ort_nbits(job: dict) -> dict:
     # Imported here: this module needs the optional package onnx_ir, the other tools do not.
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -111,7 +113,7 @@ def run_ort_nbits(job: dict) -> str:
                                      accuracy_level=settings.get("accuracy_level"))
     quantizer.process()
     quantizer.model.save_model_to_file(job["out"], use_external_data_format=False)
-    return ""
+    return {"note": ""}
 
 
 class Unavailable(Exception):
@@ -126,7 +128,7 @@ def main() -> int:
     base = rss_mb()
     start = time.perf_counter()
     try:
-        note = TOOLS[job["tool"]](job)
+        extra = TOOLS[job["tool"]](job)
     except Unavailable as exc:
         print(json.dumps({"ok": False, "unavailable": True, "error": str(exc)}))
         return 0
@@ -137,7 +139,7 @@ def main() -> int:
                           "error": f"{type(exc).__name__}: {message[0] if message else ''}"}))
         return 0
     wall = time.perf_counter() - start
-    print(json.dumps({"ok": True, "wall_s": wall, "rss_mb": rss_mb() - base, "base_mb": base, "note": note}))
+    print(json.dumps({"ok": True, "wall_s": wall, "rss_mb": rss_mb() - base, "base_mb": base, **extra}))
     return 0
 
 

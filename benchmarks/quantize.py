@@ -211,6 +211,7 @@ class Variant:
     label: str
     path: Path | None = None
     wall_s: float | None = None
+    pass_s: float | None = None  # ours: the passes alone, without compress()'s check of the result
     rss_mb: float | None = None
     problem: str = ""  # why there is no model: not available / failed
     note: str = ""  # e.g. a pass that was rolled back
@@ -260,6 +261,7 @@ def quantize(label: str, model: Path, calib: Path, out: Path, timeout: float) ->
         variant.problem = ("not available: " if report.get("unavailable") else "failed: ") + short(report["error"])
         return variant
     variant.path, variant.wall_s, variant.rss_mb, variant.note = out, report["wall_s"], report["rss_mb"], report["note"]
+    variant.pass_s = report.get("pass_s")
     return variant
 
 
@@ -306,6 +308,12 @@ def latency_cell(variant: Variant, base: Variant, threads: int) -> str:
     return f"{value / reference:.2f}"
 
 
+def wall_cell(variant: Variant) -> str:
+    if variant.wall_s is None:
+        return "—"
+    return f"{variant.wall_s:.1f}" + ("" if variant.pass_s is None else f" ({variant.pass_s:.1f})")
+
+
 def bench_model(key: str, args, workdir: Path) -> tuple[list[list[str]], str]:
     bench = MODELS[key]
     model = bench.fetch()
@@ -343,7 +351,7 @@ def bench_model(key: str, args, workdir: Path) -> tuple[list[list[str]], str]:
         kb = variant.path.stat().st_size / 1e3
         rows.append([bench.title, variant.label, f"{kb:,.0f}", f"{kb / base_kb:.3f}", variant.fidelity,
                      latency_cell(variant, fp32, 1), latency_cell(variant, fp32, 2),
-                     "—" if variant.wall_s is None else f"{variant.wall_s:.1f}",
+                     wall_cell(variant),
                      "—" if variant.rss_mb is None else f"{variant.rss_mb:,.0f}", variant.note])
     return rows, test.about
 
@@ -368,7 +376,7 @@ def rss_sweep(args, workdir: Path) -> list[list[str]]:
                 log(f"sweep: {bench.title}, {label}, {count} samples")
                 variant = quantize(label, model, calib, workdir / f"sweep-{key}-{count}-{index}.onnx", args.timeout)
                 ok = variant.path is not None
-                rows.append([bench.title, label, str(count), f"{variant.wall_s:.1f}" if ok else "—",
+                rows.append([bench.title, label, str(count), wall_cell(variant),
                              f"{variant.rss_mb:,.0f}" if ok else "—",
                              f"{variant.path.stat().st_size / 1e3:,.0f}" if ok else "—", variant.problem or variant.note])
     return rows
@@ -409,7 +417,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="onnxshrink-quantize-") as folder:
         workdir = Path(folder)
         if args.rss_sweep:
-            print(markdown(["model", "tool / pipeline", "calibration samples", "quant s", "peak RSS MB", "file KB",
+            print(markdown(["model", "tool / pipeline", "calibration samples", "quant s (ours: passes alone)", "peak RSS MB", "file KB",
                             "note"], rss_sweep(args, workdir)))
             print(f"\nEach row in a fresh process; peak RSS = the process's high-water mark (VmHWM) minus its value "
                   f"after the imports. Our pass reads the .npz one sample at a time; ORT's reader streams the same "
@@ -426,14 +434,16 @@ def main() -> int:
                 log(f"{key}: {exc!r}")
                 rows.append(error_row(key, exc))
     print(markdown(["model", "tool / pipeline", "file KB", "size ×", "fidelity vs fp32 (test data)",
-                    "latency × 1 thread", "latency × 2 threads", "quant s", "quant peak RSS MB", "note"], rows))
+                    "latency × 1 thread", "latency × 2 threads", "quant s (ours: passes alone)", "quant peak RSS MB", "note"], rows))
     counts = ", ".join(f"{MODELS[k].title} {args.calib or CALIBRATION[k]}" for k in args.models)
     print(f"\nCalibration samples: {counts} (models/inputs.calibration_npz), the same .npz for every tool. "
           f"Test data, held out where the inputs allow:")
     for about in abouts:
         print(f"- {about}")
     print(f"\nLatency: batch 1, ratio of medians over {args.runs} runs interleaved with fp32 and every variant of "
-          f"the model (< 1 is faster). Quantization: one fresh process each, {args.timeout:.0f} s at most; peak RSS = "
+          f"the model (< 1 is faster). Quantization: one fresh process each, {args.timeout:.0f} s at most; our time "
+          f"includes compress()'s check of the result (checker, a session, {CHECK_SAMPLES} runs of each model), the "
+          f"passes' own time in brackets; peak RSS = "
           f"the process's high-water mark (VmHWM) minus its value after the imports. YOLOv8n F1: detections after "
           f"class-aware NMS (IoU 0.45, confidence as shown) matched to fp32's at IoU >= 0.5, same class. PP-OCR mask: "
           f"map > {PPOCR_MASK}. ORT static: QDQ, per-channel, MinMax; dynamic: per-channel QInt8; MatMulNBits: 4-bit, "

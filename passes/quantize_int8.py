@@ -148,41 +148,53 @@ _OPTIONAL = ("Add", "Mul", "Concat", "Sigmoid", "Softmax", "LeakyRelu", "Average
              "MaxPool", "Resize", "Reshape", "Transpose", "Split", "Slice")
 
 
-def _slower_op_types(original, build, feed, notes: list[Note], repeats: int = 15) -> frozenset:
+def _slower_op_types(original, build, feed, notes: list[Note], repeats: int = 11) -> frozenset:
     """Op types whose quantization slows the model in onnxruntime (1 thread, interleaved medians).
 
-    Only when quantizing everything gains less than 10% is each optional type tried float, one
-    at a time against the fully quantized model, so two sessions are alive at once at most.
-    A first short timing settles the common case, a clear gain, at a fifth of the cost."""
+    A short first timing settles the common case, a clear gain. Otherwise the float model, the
+    quantized one and one with every optional type left float are timed together: the float
+    islands between QDQ kernels are what can make int8 slower, and if removing all of them gains
+    nothing, no single type will. Only when it does is each type tried alone; the ones that gain
+    alone are left float unless all of them together are clearly faster. The quantized session
+    is built once and kept warm: a trial costs one new session and `repeats` runs of each."""
     from onnxshrink.runtime import adapt_feeds, interleaved_latency
 
-    def timed(first, second, runs=repeats, sessions=None, warmup=3):
-        sessions = sessions or [make_session(first, threads=1), make_session(second, threads=1)]
-        feeds = [adapt_feeds([feed], s)[0] for s in sessions]
-        return *interleaved_latency(sessions, feeds, repeats=runs, warmup=warmup), sessions
-
     full, _ = build()
-    float_time, full_time, sessions = timed(original, full, runs=3, warmup=1)
-    if full_time >= 0.8 * float_time:  # not clearly faster: time it properly
-        float_time, full_time, _ = timed(original, full, sessions=sessions, warmup=0)
-    del sessions
+    present = sorted({n.op_type for n in full.graph.node} & set(_OPTIONAL) & {n.op_type for n in original.graph.node})
+    full_session = make_session(full, threads=1)
+
+    def timed(*others, runs=repeats):  # seconds of the quantized model, then of each of `others`
+        sessions = [full_session] + [make_session(other, threads=1) for other in others]
+        feeds = [adapt_feeds([feed], s)[0] for s in sessions]
+        return interleaved_latency(sessions, feeds, repeats=runs, warmup=1)
+
+    def trial(left_float):  # time with `left_float` float / time fully quantized
+        with_all, without = timed(build(frozenset(left_float))[0])
+        return without / with_all
+
+    full_time, float_time = timed(original, runs=3)
+    all_float = 1.0
+    if full_time >= 0.8 * float_time:  # not clearly faster: time it properly, beside the all-float trial
+        if present:
+            full_time, float_time, islands_time = timed(original, build(frozenset(present))[0])
+            all_float = islands_time / full_time
+        else:
+            full_time, float_time = timed(original)
     verdict = f"speed check: quantized runs in {full_time / float_time:.2f}x the float time"
     if full_time < 0.9 * float_time:
         notes.append(Note("(graph)", verdict))
         return frozenset()
-    present = sorted({n.op_type for n in full.graph.node} & set(_OPTIONAL) & {n.op_type for n in original.graph.node})
-    slower, detail = set(), []
-    for op in present:
-        with_op, without_op, _ = timed(full, build(frozenset({op}))[0])
-        detail.append(f"{op} {without_op / with_op:.2f}")
-        if without_op < 0.97 * with_op:
-            slower.add(op)
-    if slower:
-        with_all, without, _ = timed(full, build(frozenset(slower))[0])
-        if without >= with_all:
-            slower = set()
-    notes.append(Note("(graph)", f"{verdict}; left float: {', '.join(sorted(slower)) or 'none'} "
-                                 f"(time with each type float: {', '.join(detail) or '-'})"))
+    if all_float >= 0.97:
+        notes.append(Note("(graph)", f"{verdict}; leaving the optional types float ({', '.join(present) or '-'}) "
+                                     f"gains nothing ({all_float:.2f}x), so none is"))
+        return frozenset()
+    ratios = {op: trial({op}) for op in present}
+    slower = {op for op, ratio in ratios.items() if ratio < 0.97}
+    if not slower or (len(slower) < len(present) and 0.97 * trial(slower) > all_float):
+        slower = set(present)  # the types gain only together, or clearly more together than the subset
+    detail = ", ".join(f"{op} {ratio:.2f}" for op, ratio in ratios.items())
+    notes.append(Note("(graph)", f"{verdict}; left float: {', '.join(sorted(slower))} "
+                                 f"(time with each type float: {detail}; all {all_float:.2f})"))
     return frozenset(slower)
 
 

@@ -207,6 +207,59 @@ def test_embedding_table_is_gathered_as_int8():
     assert cosine(run(model, feeds[0])[0], run(quantized, feeds[0])[0]) > 0.995
 
 
+# ---------------------------------------------------------------- speed check policy
+class _FakeModel:
+    def __init__(self, float_types=(), quantized=True):
+        self.float_types, self.quantized = frozenset(float_types), quantized
+
+
+def _speed_check(monkeypatch, seconds, present=("Add", "Concat", "Mul")):
+    """Runs the speed check with `seconds(model)` as each model's run time; returns (left float, trials)."""
+    from onnxshrink.passes import quantize_int8 as q
+    import onnxshrink.runtime as runtime
+
+    graph = helper.make_graph([helper.make_node(op, ["x"], [f"y{i}"]) for i, op in enumerate(present)], "g", [], [])
+    built = []
+
+    def build(left_float=frozenset()):
+        built.append(left_float)
+        model = _FakeModel(left_float)
+        model.graph = graph
+        return model, []
+
+    original = _FakeModel(quantized=False)
+    original.graph = graph
+    monkeypatch.setattr(q, "make_session", lambda model, threads=None: model)
+    monkeypatch.setattr(runtime, "adapt_feeds", lambda feeds, session: feeds)
+    monkeypatch.setattr(runtime, "interleaved_latency", lambda sessions, feeds, repeats, warmup: [seconds(s) for s in sessions])
+    notes = []
+    left = q._slower_op_types(original, build, {}, notes)
+    return left, built[1:], notes[-1].message
+
+
+def test_speed_check_stops_at_a_clear_gain(monkeypatch):
+    left, trials, note = _speed_check(monkeypatch, lambda m: 0.6 if m.quantized else 1.0)
+    assert left == frozenset() and trials == [] and "0.60x" in note
+
+
+def test_speed_check_tries_all_optional_types_at_once_first(monkeypatch):
+    # Not faster, and leaving the optional types float gains nothing: one trial, nothing left float.
+    left, trials, _ = _speed_check(monkeypatch, lambda m: 1.0)
+    assert left == frozenset() and trials == [frozenset({"Add", "Concat", "Mul"})]
+
+
+def test_speed_check_leaves_float_only_the_types_that_gain(monkeypatch):
+    def seconds(model):  # quantized Concat costs 0.3, quantized Add 0.01 (noise): only Concat should go float
+        if not model.quantized:
+            return 1.0
+        return 0.9 + 0.3 * ("Concat" not in model.float_types) + 0.01 * ("Add" not in model.float_types)
+
+    left, trials, note = _speed_check(monkeypatch, seconds)
+    assert left == frozenset({"Concat"}) and "left float: Concat" in note
+    assert trials[0] == frozenset({"Add", "Concat", "Mul"}) and len(trials) == 5  # all, each alone, the subset
+
+
+
 # ---------------------------------------------------------------- real models
 def test_digits_mlp_keeps_accuracy(digits_mlp_path):
     import zoo, inputs
