@@ -50,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=30, help="timed runs per model (0: no latency)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("sensitivity", parents=[common], help="per-layer output drift vs pruning sparsity")
+    p.add_argument("model", help="input .onnx")
+    p.add_argument("--calib", required=True, help=".npz (one array per input) or a folder of .npz files")
+    p.add_argument("--sparsities", help="comma-separated, each in [0, 1) (default 0.3,0.5,0.7,0.8,0.9)")
+    p.add_argument("--method", choices=("magnitude", "obs"), default="magnitude")
+    p.add_argument("--pattern", choices=("unstructured", "2:4", "4:8"), default="unstructured",
+                   help="N:M patterns fix the sparsity at 1 - N/M")
+    p.add_argument("--samples", type=int, default=8, help="calibration samples per measurement (default 8)")
+    p.add_argument("--png", help="plot drift vs sparsity here (needs matplotlib: onnxshrink[plot])")
+    p.add_argument("--json", help="write the table as JSON here")
+
     p = sub.add_parser("passes", parents=[common], help="every pass with its options")
     p.add_argument("--json", action="store_true")
 
@@ -149,6 +160,41 @@ def _compare(args) -> int:
     return 0
 
 
+def _sensitivity(args) -> int:
+    from .io import load
+    from .manager import _progress_bar
+    from .passes.sensitivity import DEFAULT_SPARSITIES, METRIC, layer_sensitivity, parse_sparsities, require_matplotlib
+
+    # Everything a user can get wrong is checked before the measurement, which can take minutes.
+    if args.sparsities is not None and args.pattern != "unstructured":
+        raise UsageError(f"--sparsities does not apply to --pattern {args.pattern}, which fixes the sparsity")
+    sparsities = parse_sparsities(args.sparsities) if args.sparsities is not None else DEFAULT_SPARSITIES
+    if args.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    for output in filter(None, (args.png, args.json)):
+        if Path(output).resolve() == Path(args.model).resolve():
+            raise UsageError("an output path is the input path; onnxshrink never overwrites its input")
+        if not Path(output).resolve().parent.is_dir():
+            raise OnnxShrinkError(f"{output}: output folder does not exist")
+    if args.png:
+        require_matplotlib()
+    table = layer_sensitivity(load(args.model), args.calib, sparsities, args.method, args.pattern, args.samples,
+                              progress=_progress_bar(None))  # a bar on a terminal, as compress shows
+    if args.json:
+        from .io import save_text
+
+        save_text(args.json, table.to_json())
+    if args.png:
+        table.to_png(args.png)
+    if not args.quiet:
+        print(table.markdown())
+        print(f"drift: {METRIC}, each layer pruned alone ({args.method}, {args.pattern}); "
+              f"{table.samples} samples, {table.wall_s:.1f} s")
+        for output in filter(None, (args.json, args.png)):
+            print(f"wrote {output}")
+    return 0
+
+
 def _passes(args) -> int:
     from .registry import all_passes
 
@@ -172,7 +218,8 @@ def _demo(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": _compress, "inspect": _inspect, "compare": _compare, "passes": _passes, "demo": _demo}
+COMMANDS = {"compress": _compress, "inspect": _inspect, "compare": _compare, "sensitivity": _sensitivity,
+            "passes": _passes, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())
