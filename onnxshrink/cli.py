@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="plot drift vs sparsity here (needs matplotlib: onnxshrink[plot])")
     p.add_argument("--json", help="write the table as JSON here")
 
+    p = sub.add_parser("pack", parents=[common], help="entropy-code a model losslessly into an .onnxz file")
+    p.add_argument("model", help="input .onnx (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnxz (written atomically)")
+    p.add_argument("--level", type=int, default=None, help="zstd level 1-22 (default 12)")
+    p.add_argument("--reference", help="the uncompressed original .onnx: report bits per weight of it")
+
+    p = sub.add_parser("unpack", parents=[common], help="restore the exact .onnx bytes from an .onnxz file")
+    p.add_argument("model", help="input .onnxz")
+    p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+
     p = sub.add_parser("passes", parents=[common], help="every pass with its options")
     p.add_argument("--json", action="store_true")
 
@@ -195,6 +205,33 @@ def _sensitivity(args) -> int:
     return 0
 
 
+def _pack(args) -> int:
+    from .graph import model_stats
+    from .io import load
+    from .onnxz import LEVEL, pack_file
+
+    level = LEVEL if args.level is None else args.level
+    if not 1 <= level <= 22:
+        raise UsageError(f"--level must be between 1 and 22, got {level}")
+    weights = model_stats(load(args.reference)).params if args.reference else None
+    report = pack_file(args.model, args.output, level)
+    if not args.quiet:
+        print("\n".join(report.lines()))
+        if weights:
+            print(f"  {8 * report.packed_bytes / weights:.2f} bits per weight of {args.reference} "
+                  f"({weights:,} weights)")
+    return 0
+
+
+def _unpack(args) -> int:
+    from .onnxz import unpack_file
+
+    size = unpack_file(args.model, args.output)
+    if not args.quiet:
+        print(f"wrote {args.output} ({size:,} bytes, checksum verified)")
+    return 0
+
+
 def _passes(args) -> int:
     from .registry import all_passes
 
@@ -219,7 +256,7 @@ def _demo(args) -> int:
 
 
 COMMANDS = {"compress": _compress, "inspect": _inspect, "compare": _compare, "sensitivity": _sensitivity,
-            "passes": _passes, "demo": _demo}
+            "pack": _pack, "unpack": _unpack, "passes": _passes, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

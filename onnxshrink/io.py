@@ -28,8 +28,13 @@ def load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     path = Path(model)
     if not path.is_file():
         raise OnnxShrinkError(f"{path}: no such file")
+    from .onnxz import is_packed, unpack_bytes  # here: onnxz writes its files with save_bytes below
+
     try:
-        proto = onnx.load(str(path), load_external_data=True)
+        if is_packed(path):  # an entropy-coded model (onnxshrink pack) reads like the model it holds
+            proto = onnx.load_from_string(unpack_bytes(path.read_bytes(), str(path)))
+        else:
+            proto = onnx.load(str(path), load_external_data=True)
     except (DecodeError, RuntimeWarning) as exc:
         raise OnnxShrinkError(f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)})") from None
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
@@ -86,14 +91,21 @@ def _fsync(path: Path) -> None:
 
 def save_text(path: str | os.PathLike, text: str) -> None:
     """Atomic write of a text file (reports, recipes)."""
+    save_bytes(path, text.encode())
+
+
+def save_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomic write of a file: all of it or nothing, an old file untouched on failure."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise OnnxShrinkError(f"{path}: folder {directory} does not exist")
-    handle = tempfile.NamedTemporaryFile("w", dir=directory, prefix=f".{path.name}.", delete=False)
+    handle = tempfile.NamedTemporaryFile("wb", dir=directory, prefix=f".{path.name}.", delete=False)
     try:
         with handle:
-            handle.write(text)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(handle.name, path)
     except BaseException:
         os.unlink(handle.name)

@@ -70,10 +70,17 @@ def session(
             raise OnnxShrinkError(f"onnxruntime.SessionOptions has no attribute {name!r}")
         setattr(opts, name, value)
 
+    from .onnxz import MAGIC, is_packed, unpack_bytes
+
     if isinstance(model, (str, os.PathLike)):
         source: Union[str, bytes] = os.fspath(model)
+        if os.path.isfile(source) and is_packed(source):  # .onnxz: ORT gets the exact bytes it holds
+            with open(source, "rb") as handle:
+                source = unpack_bytes(handle.read(), source)
     elif isinstance(model, (bytes, bytearray)):
         source = bytes(model)
+        if source.startswith(MAGIC):
+            source = unpack_bytes(source)
     elif hasattr(model, "SerializeToString"):  # onnx.ModelProto, without importing onnx here
         source = model.SerializeToString()
     else:
