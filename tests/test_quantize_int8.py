@@ -332,7 +332,9 @@ def test_softmax_over_masked_scores_stays_float():
         mask = np.zeros((1, 1, 8), np.float32)
         mask[..., rng.integers(3, 8):] = -10000.0  # padding
         feeds.append({"x": rng.standard_normal((1, 8, 16)).astype(np.float32), "mask": mask})
-    result = quantize(model, feeds)
+    # No speed check: on a graph this small its timings are noise, and leaving Softmax float for
+    # speed would hide the reason under test.
+    result = quantize(model, feeds, "quantize-int8(speed_check=false)")
     assert any(n.where == "softmax" and "left float" in n.message for n in result.report.passes[0].notes)
     for feed in feeds[:4]:
         assert cosine(run(model, feed)[0], run(result.model, feed)[0]) > 0.99
