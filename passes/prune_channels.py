@@ -21,6 +21,9 @@ Then the recorded cuts are applied: weights sliced on their output and input axe
 BatchNormalization parameters and per-channel constants sliced; Split sizes and depthwise
 `group` updated; value_info of resized tensors dropped. A constant read by more than one node is
 copied before it is cut, so no other reader sees a slice meant for someone else.
+
+Pruning writes no record of what it kept: `kept_channels(original, pruned)` recovers it from
+the weights, for passes such as `reconstruct` that refit the pruned layers to the original's.
 """
 
 from __future__ import annotations
@@ -79,6 +82,123 @@ def prune_channels(model: onnx.ModelProto, sparsity: float, criterion: str = "l2
     return pruned, notes
 
 
+@dataclass(frozen=True)
+class KeptChannels:
+    """Which channels of an original layer its pruned copy computes, as increasing indices."""
+
+    outputs: np.ndarray  # into the original layer's output channels
+    inputs: np.ndarray | None  # into its input channels; None where the input was not cut
+
+
+def kept_channels(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[dict[str, KeptChannels], list[Note]]:
+    """Recover, for each layer of `original` (keyed by node name, else first output), the channels
+    `pruned` kept of it, so that a later pass can compare the two models channel for channel.
+
+    Nothing is stored in the pruned model: the channel flow is replayed on the original, and in
+    graph order each layer's pruned weights (and bias) are matched against the original rows
+    restricted to the input channels already known to be kept. Cuts keep the order of channels,
+    so the match is the first original row, after the previous match, that agrees with the pruned
+    row wherever that row is nonzero: weights zeroed by unstructured pruning still match. Tied
+    channels must agree across layers. A layer that cannot be matched (a renamed node, weights
+    changed otherwise) gets a note, and so does every layer whose input it feeds.
+    """
+    reference = onnx.ModelProto()
+    reference.CopyFrom(original)
+    constants_to_initializers(reference.graph)
+    current = onnx.ModelProto()
+    current.CopyFrom(pruned)
+    constants_to_initializers(current.graph)
+    flow = ChannelFlow(reference, set())  # exclusions do not matter: an excluded layer matches as kept whole
+    flow.follow()
+    nodes = {(n.name or n.output[0]): n for n in current.graph.node}
+    arrays = {t.name: t for t in current.graph.initializer}
+    roots = flow.roots()
+    decided: dict[int, bool] = {}
+    found: dict[str, KeptChannels] = {}
+    notes: list[Note] = []
+    for layer in flow.layers:
+        node = nodes.get(layer.name)
+        if node is None or node.op_type != layer.node.op_type or len(node.input) < 2 or node.input[1] not in arrays:
+            notes.append(Note(layer.name, "no layer of that name and type with constant weights in the pruned model"))
+            continue
+        in_axis, out_axis = flow.layer_axes(layer.node)
+        input_roots = roots[layer.input_ids] if layer.input_ids is not None else np.zeros(0, np.int64)
+        if any(int(r) not in decided for r in input_roots):
+            notes.append(Note(layer.name, "its input channels come from a layer that could not be matched"))
+            continue
+        input_kept = np.array([decided[int(r)] for r in input_roots], dtype=bool)
+        weight = numpy_helper.to_array(arrays[node.input[1]])
+        expected = layer.weight if layer.input_ids is None or in_axis is None else \
+            np.compress(input_kept, layer.weight, axis=in_axis)
+        rows, pruned_rows = _rows(expected, out_axis), _rows(weight, out_axis)
+        bias, pruned_bias = _bias_column(flow, layer.node, len(layer.ids)), \
+            _bias_column_of(arrays, node, weight.shape[out_axis])
+        if bias is not None and pruned_bias is not None:  # biases tell apart rows that agree on their weights
+            rows, pruned_rows = np.hstack([rows, bias]), np.hstack([pruned_rows, pruned_bias])
+        if in_axis is None:  # depthwise: its channels are its input's
+            output_kept = input_kept
+            matched = len(pruned_rows) == int(output_kept.sum()) and _agrees(rows[output_kept], pruned_rows)
+        else:
+            chosen = _match_rows(rows, pruned_rows)
+            matched = chosen is not None
+            output_kept = np.zeros(len(layer.ids), dtype=bool)
+            if matched:
+                output_kept[chosen] = True
+        output_roots = roots[layer.ids].tolist()
+        if not matched or any(decided.get(r, keep) != keep for r, keep in zip(output_roots, output_kept.tolist())):
+            notes.append(Note(layer.name, "its pruned weights are not a channel slice of the original's"))
+            continue
+        decided.update(zip(output_roots, output_kept.tolist()))
+        inputs = None if layer.input_ids is None or in_axis is None else np.flatnonzero(input_kept)
+        found[layer.name] = KeptChannels(np.flatnonzero(output_kept), inputs)
+    return found, notes
+
+
+def _rows(weight: np.ndarray, out_axis: int) -> np.ndarray:
+    return np.moveaxis(weight, out_axis, 0).reshape(weight.shape[out_axis], -1).astype(np.float32)
+
+
+def _bias_column(flow: ChannelFlow, node: onnx.NodeProto, count: int) -> np.ndarray | None:
+    name = node.input[2] if len(node.input) > 2 else ""
+    return _as_column(flow.array(name) if name in flow.constants else None, count)
+
+
+def _bias_column_of(arrays: dict, node: onnx.NodeProto, count: int) -> np.ndarray | None:
+    name = node.input[2] if len(node.input) > 2 else ""
+    return _as_column(numpy_helper.to_array(arrays[name]) if name in arrays else None, count)
+
+
+def _as_column(bias: np.ndarray | None, count: int) -> np.ndarray | None:
+    return bias.reshape(count, 1).astype(np.float32) if bias is not None and bias.size == count else None
+
+
+def _agrees(rows: np.ndarray, pruned_rows: np.ndarray) -> bool:
+    """Every pruned row equals its original row wherever the pruned row is nonzero."""
+    return rows.shape == pruned_rows.shape and bool(np.all((rows == pruned_rows) | (pruned_rows == 0)))
+
+
+def _match_rows(rows: np.ndarray, pruned_rows: np.ndarray, window: int = 16) -> np.ndarray | None:
+    """Increasing indices of `rows` that the `pruned_rows` are, or None; the earliest agreeing row
+    wins. Kept rows are usually next to each other, so rows are tried a few at a time."""
+    if rows.shape[1:] != pruned_rows.shape[1:]:
+        return None
+    chosen, start = [], 0
+    for row in pruned_rows:
+        nonzero = row != 0
+        while True:
+            candidates = rows[start:start + window]
+            if not len(candidates):
+                return None
+            hit = np.flatnonzero(np.all(candidates[:, nonzero] == row[nonzero], axis=1))
+            if hit.size:
+                start += int(hit[0])
+                break
+            start += len(candidates)
+        chosen.append(start)
+        start += 1
+    return np.array(chosen, dtype=np.int64)
+
+
 def _check_arguments(sparsity, criterion, round_to) -> None:
     if not 0 <= sparsity < 1:
         raise UsageError(f"prune_channels: sparsity must be in [0, 1), got {sparsity}")
@@ -107,6 +227,7 @@ class Layer:
     ids: np.ndarray  # its output channels
     weight: np.ndarray
     out_axis: int
+    input_ids: np.ndarray | None = None  # the channels its input axis was cut by (a depthwise Conv's are its ids)
     gamma: np.ndarray | None = None  # |scale| of a BatchNormalization reading its output
 
     @property
@@ -249,12 +370,13 @@ class ChannelFlow:
         source = self.channels.get(node.input[0])
         lines_up = source is not None and source.axis == channel_axis and \
             len(source.ids) == weight.shape[0 if in_axis is None else in_axis]
+        input_ids = None
         if in_axis is None:  # depthwise: output channel i filters input channel i alone
             if source is None:
                 return None
             if not lines_up:
                 return "the depthwise Conv's channels do not line up with its input's"
-            ids = source.ids
+            ids = input_ids = source.ids
             self.depthwise.append((index, ids))
         else:
             if source is not None and not lines_up:
@@ -262,6 +384,7 @@ class ChannelFlow:
                             "its channel axis does not match the layer's weights")
             elif source is not None:
                 self.cuts[(index, 1)].append((in_axis, source.ids))
+                input_ids = source.ids
             ids = self.new_ids(weight.shape[out_axis])
         self.cuts[(index, 1)].append((out_axis, ids))
         if len(node.input) > 2 and node.input[2]:
@@ -271,7 +394,7 @@ class ChannelFlow:
                 self.notes.append(Note(node.name or node.output[0], f"output channels kept whole: {problem}"))
         rank = weight.ndim if spatial else 2 if node.op_type == "Gemm" else \
             (source.rank if source is not None else self.ranks.get(node.input[0]))
-        layer = Layer(node, ids, weight, out_axis)
+        layer = Layer(node, ids, weight, out_axis, input_ids)
         self.layers.append(layer)
         self.layer_by_output[node.output[0]] = layer
         self.channels[node.output[0]] = Channels(ids, channel_axis, rank)

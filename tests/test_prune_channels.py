@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.errors import UsageError
 from onnxshrink.graph import constants_to_initializers, model_stats
-from onnxshrink.passes.prune_channels import ChannelFlow, choose_removed, prune_channels
+from onnxshrink.passes.prune_channels import ChannelFlow, choose_removed, kept_channels, prune_channels
 from helpers import run
 
 RNG = np.random.default_rng(0)
@@ -272,6 +272,44 @@ def test_round_to_rounds_kept_channels_up_to_a_multiple():
 def test_bad_arguments_raise_a_usage_error(arguments):
     with pytest.raises(UsageError, match="prune_channels"):
         prune_channels(c2f_like(zeroed=False), **arguments)
+
+
+def chosen_channels(model, sparsity):
+    """layer name -> the output channels prune_channels keeps, from the flow itself."""
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    constants_to_initializers(reference.graph)
+    flow = ChannelFlow(reference, set())
+    flow.follow()
+    kept = flow.kept_mask(choose_removed(flow, sparsity, "l2", 1))
+    return {layer.name: np.flatnonzero(kept(layer.ids)) for layer in flow.layers}
+
+
+def test_kept_channels_recovers_what_pruning_kept_from_the_weights():
+    model = c2f_like(zeroed=False)
+    pruned, _ = prune_channels(model, 0.25)
+    found, notes = kept_channels(model, pruned)
+    expected = chosen_channels(model, 0.25)
+    assert not notes and found.keys() == expected.keys()
+    for name, channels in expected.items():
+        np.testing.assert_array_equal(found[name].outputs, channels, err_msg=name)
+    assert found["depthwise"].inputs is None and len(found["conv3"].inputs) == 18  # Concat of 6 + 6 + 6
+    np.testing.assert_array_equal(found["conv2"].inputs, expected["conv1"][expected["conv1"] >= 8] - 8)  # Split's 2nd piece
+
+
+def test_kept_channels_matches_through_later_zeros_but_not_through_other_changes():
+    model = c2f_like(zeroed=False)
+    pruned, _ = prune_channels(model, 0.25)
+    tensors = {t.name: t for t in pruned.graph.initializer}
+    w2 = numpy_helper.to_array(tensors["w2"]).copy()
+    w2[np.abs(w2) < np.median(np.abs(w2))] = 0  # unstructured pruning after the channels went
+    tensors["w2"].CopyFrom(numpy_helper.from_array(w2, "w2"))
+    found, notes = kept_channels(model, pruned)
+    np.testing.assert_array_equal(found["conv2"].outputs, chosen_channels(model, 0.25)["conv2"])
+    tensors["w3"].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensors["w3"]) * 1.5, "w3"))  # refit, say
+    found, notes = kept_channels(model, pruned)
+    assert "conv3" not in found and any(n.where == "conv3" and "not a channel slice" in n.message for n in notes)
+    assert "depthwise" not in found  # its channels come from conv3
 
 
 def cut_inputs_only(model, sparsity):
