@@ -9,7 +9,9 @@
   reduction axis (input features; input channels for Conv), the layout sparse kernels use;
   `channel` removes whole output channels (passes/prune_channels.py): a smaller dense model.
 * `scope=layer` prunes each layer to `sparsity`; `scope=global` applies one magnitude threshold
-  to all layers, so layers with many small weights give up more.
+  to all layers, so layers with many small weights give up more; `scope=auto` measures each
+  layer's output drift over a sweep of sparsities (passes/sensitivity.py) and spends the
+  parameter-weighted target where it hurts least.
 
 Zeros stay stored densely here, so that reconstruct, quantization or clustering read ordinary
 weights afterwards; `store-sparse` is what makes the file small.
@@ -26,7 +28,7 @@ import scipy.linalg
 from onnx import TensorProto, numpy_helper
 
 from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors
-from onnxshrink.errors import OnnxShrinkError
+from onnxshrink.errors import OnnxShrinkError, UsageError
 from onnxshrink.graph import attribute, constants_to_initializers
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
@@ -47,21 +49,30 @@ class Prune(Pass):
         method: str = option("magnitude", "magnitude: smallest |w|; obs: second-order one-shot pruning with "
                                           "weight updates from calibration data (MatMul/Gemm)", choices=("magnitude", "obs"))
         pattern: str = option("unstructured", "where zeros may go", choices=PATTERNS)
-        scope: str = option("layer", "layer: each layer to `sparsity`; global: one magnitude threshold for all",
-                            choices=("layer", "global"))
+        scope: str = option("layer", "layer: each layer to `sparsity`; global: one magnitude threshold for all; "
+                                     "auto: per-layer sparsities from measured sensitivity (unstructured)",
+                            choices=("layer", "global", "auto"))
         criterion: str = option("l2", "channel importance for pattern=channel", choices=("l1", "l2", "bn-scale"))
+        round_to: int = option(1, "pattern=channel: keep a multiple of this many channels per layer (8 suits "
+                                  "onnxruntime's CPU kernels: odd counts can run slower than the original)", low=1)
         exclude: tuple[str, ...] = option((), "op types or node names left dense")
         min_elements: int = option(1024, "smaller weights are left dense (biases, tiny heads)", low=1)
         max_samples: int = option(128, "calibration samples for obs Hessians", low=1)
         damping: float = option(0.01, "obs: added to the Hessian diagonal, relative to its mean", low=0)
         block: int = option(128, "obs: columns pruned and compensated together", low=8)
 
+        def __post_init__(self):
+            super().__post_init__()
+            if self.scope == "auto" and self.pattern != "unstructured":
+                raise UsageError("prune: scope=auto needs pattern=unstructured (N:M fixes each layer's sparsity, "
+                                 "channel changes shapes)")
+
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
         opts = self.options
         if opts.pattern == "channel":
             from .prune_channels import prune_channels
 
-            pruned, notes = prune_channels(model, opts.sparsity, opts.criterion, opts.exclude)
+            pruned, notes = prune_channels(model, opts.sparsity, opts.criterion, opts.exclude, opts.round_to)
             return PassOutput(pruned, notes)
         constants_to_initializers(model.graph)
         layers, notes = self._layers(model)
@@ -74,7 +85,16 @@ class Prune(Pass):
             notes += [Note(l.where, f"left dense: its {l.matrix(weights).shape[0]} inputs are not a multiple of "
                                     f"{n_m[1]}") for l in uneven]
             layers = [l for l in layers if l not in uneven]
-        targets = self._targets(layers, n_m, weights)
+        if opts.scope == "auto":
+            if context.data is None:
+                raise OnnxShrinkError("prune(scope=auto) needs calibration data (--calib) to measure sensitivity")
+            from .sensitivity import auto_sparsities
+
+            chosen = auto_sparsities(model, context.data, opts.sparsity, opts.method, opts.pattern,
+                                     min_elements=opts.min_elements, exclude=opts.exclude, progress=context.progress)
+            targets = {layer.weight: chosen.get(layer.weight, 0.0) for layer in layers}
+        else:
+            targets = self._targets(layers, n_m, weights)
         hessians = {}
         if opts.method == "obs":
             if context.data is None:

@@ -142,15 +142,19 @@ def test_allocation_on_the_digits_mlp_meets_the_target(digits, target):
     assert abs(overall_sparsity(pruned) - target) <= 0.005
 
 
-def test_auto_allocation_keeps_more_accuracy_than_uniform_at_90_percent(digits):
+def test_prune_scope_auto_keeps_more_accuracy_than_uniform_at_90_percent(digits):
     model, calibration, test, truth = digits
-    chosen = auto_sparsities(model, calibration, 0.9, "magnitude", threads=1)
-    auto = apply_sparsities(model, chosen)
+    auto = onnxshrink.compress(model, "prune(sparsity=0.9,scope=auto)", calibration=calibration, samples=1).model
     uniform = onnxshrink.compress(model, "prune(sparsity=0.9)", calibration=calibration, samples=1).model
     assert overall_sparsity(auto) >= 0.895 and overall_sparsity(uniform) >= 0.895
     # measured (240 held-out digits, baseline 0.992): auto 0.825 (fc1 0.87, fc2 0.93, fc3 0.60),
     # uniform per layer 0.588, scope=global 0.788
     assert accuracy(auto, test, truth) >= accuracy(uniform, test, truth) + 0.1
+
+
+def test_prune_scope_auto_refuses_fixed_patterns():
+    with pytest.raises(UsageError, match="scope=auto needs pattern=unstructured"):
+        onnxshrink.parse_pipeline("prune(pattern=2:4,scope=auto)")
 
 
 def test_auto_refuses_patterns_that_fix_the_sparsity(digits):
