@@ -143,6 +143,9 @@ def nonzero_weights(path: Path) -> int:
     """Nonzero float weights of MatMul/Gemm/Conv nodes (what pruning removes)."""
     model = onnx.load(str(path))
     weights = {t.name: t for t in model.graph.initializer}
+    # Paddle exports (PP-OCR) hold their weights in Constant nodes, not initializers.
+    weights |= {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+                if a.name == "value"}
     names = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1}
     return sum(int(np.count_nonzero(numpy_helper.to_array(weights[n]))) for n in names if n in weights)
 
