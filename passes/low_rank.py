@@ -55,7 +55,7 @@ class LowRank(Pass):
             super().__post_init__()
             given = [name for name in ("rank", "energy", "ratio") if getattr(self, name)]
             if len(given) != 1:
-                raise UsageError("svd: give exactly one of rank=, energy= or ratio= (e.g. svd(energy=0.95))")
+                raise UsageError("give exactly one of rank=, energy= or ratio= (e.g. svd(energy=0.95))")
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
         opts = self.options

@@ -64,7 +64,7 @@ class Prune(Pass):
         def __post_init__(self):
             super().__post_init__()
             if self.scope == "auto" and self.pattern != "unstructured":
-                raise UsageError("prune: scope=auto needs pattern=unstructured (N:M fixes each layer's sparsity, "
+                raise UsageError("scope=auto needs pattern=unstructured (N:M fixes each layer's sparsity, "
                                  "channel changes shapes)")
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
