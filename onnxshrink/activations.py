@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxShrinkError
-from .graph import all_names, opset_version, unique_name
+from .graph import all_names, opset_version, outer_scope_names, subgraphs, unique_name
 from .runtime import adapt_feeds, make_session
 
 Feed = dict[str, np.ndarray]
@@ -40,6 +40,36 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return tapped
 
 
+def upstream_model(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A model that computes only `names` (main-graph tensors, its outputs): the nodes they depend
+    on and the initializers those read. Every graph input is kept, so the same feeds fit.
+
+    onnxruntime runs the whole graph whatever outputs are asked for; a pass that taps early
+    tensors of a model many times (once per pruned layer, say) saves most of the work this way,
+    and a copy of the part it needs is cheaper to build a session for than the whole model."""
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    wanted = list(dict.fromkeys(n for n in names if n not in inputs))
+    needed = set(wanted)
+    kept = []
+    for node in reversed(graph.node):
+        if any(output in needed for output in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+            for sub in subgraphs(node):
+                needed |= outer_scope_names(sub)
+    part = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    part.opset_import.extend(model.opset_import)
+    part.functions.extend(model.functions)
+    part.graph.name = graph.name
+    part.graph.node.extend(reversed(kept))
+    part.graph.input.extend(graph.input)
+    part.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
+    part.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in needed)
+    part.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
+    return part
+
+
 def stream_tensors(model: onnx.ModelProto, names: list[str], data: Iterable[Feed],
                    progress: Callable = lambda iterable, **_: iterable, threads: int | None = None,
                    ) -> Iterator[dict[str, np.ndarray]]:
@@ -47,7 +77,9 @@ def stream_tensors(model: onnx.ModelProto, names: list[str], data: Iterable[Feed
 
     Graph inputs among `names` are returned from the feed itself."""
     inputs, computed = _observable(model, names)
-    session = make_session(with_outputs(model, computed), threads=threads) if computed else None
+    present = {o.name for o in model.graph.output}
+    tapped = model if present.issuperset(computed) else with_outputs(model, computed)  # a copy only when needed
+    session = make_session(tapped, threads=threads) if computed else None
     for feed in progress(data, desc="calibration", unit="sample"):
         values = {n: feed[n] for n in names if n in inputs}
         if session is not None:
