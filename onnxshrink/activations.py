@@ -64,7 +64,9 @@ def upstream_model(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
     part.graph.name = graph.name
     part.graph.node.extend(reversed(kept))
     part.graph.input.extend(graph.input)
-    part.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
+    # Old-IR models list initializers among the graph inputs too: those must keep their values,
+    # or the part would wait for a feed of them.
+    part.graph.initializer.extend(t for t in graph.initializer if t.name in needed or t.name in inputs)
     part.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in needed)
     part.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
     return part

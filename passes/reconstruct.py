@@ -53,7 +53,7 @@ import onnx
 import scipy.linalg
 from onnx import TensorProto, numpy_helper
 
-from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors
+from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors, upstream_model
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.graph import all_names, attribute, constant_tensors, constants_to_initializers, \
     outer_scope_names, subgraphs, unique_name
@@ -579,9 +579,9 @@ def _observe(model, reference, stage, context, max_samples: int) -> None:
     current = sorted({n for layer in stage for n in layer.taps()[0]})
     original = sorted({n for layer in stage for n in layer.taps()[1]})
     threads = max(1, (os.cpu_count() or 2) // 2)
-    now = stream_tensors(_cut_to(model, current), current, islice(iter(context.data), max_samples), context.progress,
+    now = stream_tensors(upstream_model(model, current), current, islice(iter(context.data), max_samples), context.progress,
                          threads=threads)
-    then = stream_tensors(_cut_to(reference, original), original, islice(iter(context.data), max_samples),
+    then = stream_tensors(upstream_model(reference, original), original, islice(iter(context.data), max_samples),
                           threads=threads)
     with ThreadPoolExecutor(2) as runner:
         pending = runner.submit(next, now, None), runner.submit(next, then, None)
@@ -596,29 +596,6 @@ def _observe(model, reference, stage, context, max_samples: int) -> None:
             for sums in pool.values():
                 sums.add(values, sample)
             sample += 1
-
-
-def _cut_to(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that computes only `names` (as its outputs): onnxruntime runs every node
-    of a graph whatever outputs are asked for, and early stages need a small part of it."""
-    needed = set(names)
-    keep = []
-    for node in reversed(model.graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(n for n in node.input if n)
-            for g in subgraphs(node):
-                needed |= outer_scope_names(g)
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
-    del cut.graph.node[:]
-    cut.graph.node.extend(reversed(keep))
-    del cut.graph.output[:]
-    declared = {i.name for i in cut.graph.input}
-    weights = [t for t in cut.graph.initializer if t.name in needed or t.name in declared]
-    del cut.graph.initializer[:]
-    cut.graph.initializer.extend(weights)
-    return cut
 
 
 def _uses(graph) -> dict[str, int]:
