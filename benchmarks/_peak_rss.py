@@ -9,7 +9,7 @@ The job: {"tool": "ours" | "ort-static" | "ort-dynamic" | "ort-nbits", "model": 
 Prints one JSON line last on stdout: {"ok": true, "wall_s", "rss_mb", "base_mb", "note"} (ours adds
 "pass_s": the passes' own time, without compress()'s check of the result) or
 {"ok": false, "error", "unavailable"}. `rss_mb` is the peak RSS of the process (its high-water
-mark, see rss_mb()) minus its value after the imports, so every tool is charged for what it
+mark, see peak_rss_mb()) minus its value after the imports, so every tool is charged for what it
 loads and allocates (the model, calibration activations, the output) and not for the Python
 libraries. One process per job, so one tool's peak never hides or inflates another's.
 """
@@ -17,7 +17,6 @@ libraries. One process per job, so one tool's peak never hides or inflates anoth
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 import traceback
@@ -31,22 +30,7 @@ from onnxruntime import quantization as ortq
 
 import onnxshrink
 from onnxshrink.calibration import InputSpec, NpzSamples
-
-
-def rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB.
-
-    VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child started by a
-    parent holding 2 GB reports at least 2 GB whatever it does itself. VmHWM belongs to the
-    address space, which exec makes new."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere; Linux reports KiB
+from _report import peak_rss_mb
 
 
 def stacked_inputs(path: str) -> list[InputSpec]:
@@ -125,7 +109,7 @@ TOOLS = {"ours": run_ours, "ort-static": run_ort_static, "ort-dynamic": run_ort_
 
 def main() -> int:
     job = json.loads(sys.argv[1])
-    base = rss_mb()
+    base = peak_rss_mb()
     start = time.perf_counter()
     try:
         extra = TOOLS[job["tool"]](job)
@@ -139,7 +123,7 @@ def main() -> int:
                           "error": f"{type(exc).__name__}: {message[0] if message else ''}"}))
         return 0
     wall = time.perf_counter() - start
-    print(json.dumps({"ok": True, "wall_s": wall, "rss_mb": rss_mb() - base, "base_mb": base, **extra}))
+    print(json.dumps({"ok": True, "wall_s": wall, "rss_mb": peak_rss_mb() - base, "base_mb": base, **extra}))
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from _report import log, markdown, peak_rss_mb
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "models"))
@@ -236,18 +237,6 @@ def model_feeds(key: str, n: int, path: Path) -> list:
 # --------------------------------------------------------------------------
 # One tool on one model, in its own process
 # --------------------------------------------------------------------------
-def _peak_mb() -> float:
-    """High-water mark of this process's resident memory (VmHWM: exec resets it, unlike ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(job: dict) -> dict:
     # Every tool's libraries are imported before the baseline, so all jobs subtract the same.
     import pickle
@@ -277,7 +266,7 @@ def worker(job: dict) -> dict:
     if job.get("check"):
         with open(job["check"], "rb") as handle:  # written by this script's parent process
             check = pickle.load(handle)
-    base = _peak_mb()
+    base = peak_rss_mb()
     start = time.perf_counter()
     note = ""
     try:
@@ -303,7 +292,7 @@ def worker(job: dict) -> dict:
         traceback.print_exc(file=sys.stderr)
         lines = str(exc).strip().splitlines()
         return {"ok": False, "unavailable": False, "error": f"{type(exc).__name__}: {lines[0] if lines else ''}"}
-    return {"ok": True, "wall_s": time.perf_counter() - start, "rss_mb": _peak_mb() - base, "note": note,
+    return {"ok": True, "wall_s": time.perf_counter() - start, "rss_mb": peak_rss_mb() - base, "note": note,
             "onnxshrink": onnxshrink.__file__}
 
 
@@ -520,16 +509,6 @@ def node_tests(limit: int | None) -> int:
     for line in result["problems"][:40]:
         print(f"- {line}")
     return 1 if result["crashes"] or result["changed"] or result["invalid"] else 0
-
-
-def markdown(headers: list[str], rows: list[list[str]]) -> str:
-    def line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|"] + [line(r) for r in rows])
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main() -> int:

@@ -32,7 +32,8 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quantize as bench  # noqa: E402  (models, test sets, task measures, latency: shared with the quantize table)
-from quantize import inputs, markdown, measure_latency, latency_cell, log, outputs_by_name, short  # noqa: E402
+from _report import log, markdown  # noqa: E402
+from quantize import inputs, measure_latency, latency_cell, outputs_by_name, short  # noqa: E402
 
 import onnxshrink  # noqa: E402
 
@@ -158,7 +159,6 @@ def bench_model(key: str, args, workdir: Path) -> tuple[list[list[str]], str]:
     test = model_bench.test_set(count, None)
     fp32 = bench.Variant("fp32", model)
     variants = [fp32]
-    results = {}
     for index, label in enumerate(PLAN[key]):
         log(f"{model_bench.title}: {label}")
         variant = bench.Variant(label)

@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 
 import inputs  # noqa: E402
+from _report import log, markdown  # noqa: E402
 import zoo  # noqa: E402
 
 import onnxshrink  # noqa: E402
@@ -383,16 +384,6 @@ def rss_sweep(args, workdir: Path) -> list[list[str]]:
 
 
 # --------------------------------------------------------------------------
-def markdown(headers: list[str], rows: list[list[str]]) -> str:
-    def line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|"] + [line(r) for r in rows])
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
