@@ -68,20 +68,25 @@ def adapt_feeds(feeds: list[dict], session) -> list[dict]:
     return [{name: adapt(name, value) for name, value in feed.items()} for feed in feeds]
 
 
-def interleaved_latency(sessions: list[ort.InferenceSession], feed, repeats: int = 30, warmup: int = 3) -> list[float]:
+def interleaved_latency(sessions: list[ort.InferenceSession], feed, repeats: int = 30, warmup: int = 3,
+                        settled=None, min_repeats: int = 5) -> list[float]:
     """Median seconds per run of each session, timed in turn so that machine noise hits all alike.
 
-    `feed` is one feed for all sessions, or a list with one feed per session."""
+    `feed` is one feed for all sessions, or a list with one feed per session. `settled(medians)`,
+    asked after each round from `min_repeats` on, may stop the timing early once the answer that
+    the caller needs no longer depends on the rounds left."""
     feeds = feed if isinstance(feed, list) else [feed] * len(sessions)
     for session, feed in zip(sessions, feeds):
         for _ in range(warmup):
             session.run(None, feed)
     times = [[] for _ in sessions]
-    for _ in range(repeats):
+    for done in range(1, repeats + 1):
         for index, session in enumerate(sessions):
             start = time.perf_counter()
             session.run(None, feeds[index])
             times[index].append(time.perf_counter() - start)
+        if settled is not None and min_repeats <= done < repeats and settled([float(np.median(t)) for t in times]):
+            break
     return [float(np.median(t)) for t in times]
 
 

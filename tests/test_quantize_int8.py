@@ -231,7 +231,7 @@ def _speed_check(monkeypatch, seconds, present=("Add", "Concat", "Mul")):
     original.graph = graph
     monkeypatch.setattr(q, "make_session", lambda model, threads=None: model)
     monkeypatch.setattr(runtime, "adapt_feeds", lambda feeds, session: feeds)
-    monkeypatch.setattr(runtime, "interleaved_latency", lambda sessions, feeds, repeats, warmup: [seconds(s) for s in sessions])
+    monkeypatch.setattr(runtime, "interleaved_latency", lambda sessions, feeds, **timing: [seconds(s) for s in sessions])
     notes = []
     left = q._slower_op_types(original, build, {}, notes)
     return left, built[1:], notes[-1].message
@@ -258,6 +258,24 @@ def test_speed_check_leaves_float_only_the_types_that_gain(monkeypatch):
     assert left == frozenset({"Concat"}) and "left float: Concat" in note
     assert trials[0] == frozenset({"Add", "Concat", "Mul"}) and len(trials) == 5  # all, each alone, the subset
 
+
+
+def test_interleaved_timing_stops_once_settled():
+    from onnxshrink.runtime import interleaved_latency
+
+    class Counting:
+        def __init__(self):
+            self.runs = 0
+
+        def run(self, outputs, feed):
+            self.runs += 1
+
+    sessions = [Counting(), Counting()]
+    interleaved_latency(sessions, {}, repeats=11, warmup=1, settled=lambda medians: True, min_repeats=5)
+    assert [s.runs for s in sessions] == [6, 6]  # 1 warm-up + 5 timed rounds, not 11
+    sessions = [Counting(), Counting()]
+    interleaved_latency(sessions, {}, repeats=11, warmup=1, settled=lambda medians: False, min_repeats=5)
+    assert [s.runs for s in sessions] == [12, 12]
 
 
 # ---------------------------------------------------------------- real models
