@@ -31,7 +31,8 @@ def load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     from .onnxz import is_packed, unpack_bytes  # here: onnxz writes its files with save_bytes below
 
     try:
-        if is_packed(path):  # an entropy-coded model (onnxshrink pack) reads like the model it holds
+        packed = is_packed(path)
+        if packed:  # an entropy-coded model (onnxshrink pack) reads like the model it holds
             proto = onnx.load_from_string(unpack_bytes(path.read_bytes(), str(path)))
         else:
             proto = onnx.load(str(path), load_external_data=True)
@@ -39,16 +40,17 @@ def load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
         raise OnnxShrinkError(f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)})") from None
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise OnnxShrinkError(f"{path}: cannot read the model ({_first_line(exc)})") from None
-    _check_loaded(proto, path)
+    _check_loaded(proto, path, checkable_file=not packed)
     return proto
 
 
-def _check_loaded(proto: onnx.ModelProto, path: Path) -> None:
+def _check_loaded(proto: onnx.ModelProto, path: Path, checkable_file: bool) -> None:
     # A truncated or foreign file can still parse as an (empty or partial) protobuf message.
     if proto.ir_version <= 0 or not proto.opset_import or not proto.graph.output:
         raise OnnxShrinkError(f"{path}: not an ONNX model (no ir_version, opset or graph outputs; truncated or another format?)")
     try:
-        onnx.checker.check_model(proto)
+        # The checker reads a file faster than the model it was parsed into serializes again.
+        onnx.checker.check_model(str(path) if checkable_file else proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise OnnxShrinkError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
 

@@ -18,7 +18,7 @@ from .io import load
 from .memory import PeakMemory
 from .pass_base import Note, Pass, PassContext
 from .pipeline import Pipeline, parse_pipeline
-from .runtime import adapt_feeds, make_session, run_all
+from .runtime import adapt_feeds, make_session, run_all, serialized
 
 log = logging.getLogger("onnxshrink")
 
@@ -108,8 +108,9 @@ def compress(model, pipeline, calibration=None, max_drift: str | None = None, sa
     if not data.real and any(p.needs_data for p in pipeline.passes):
         log.warning("no calibration data given: %s use synthesized inputs; pass --calib for real data",
                     ", ".join(p.name for p in pipeline.passes if p.needs_data))
-    strict_check = _passes_full_check(current)
-    reference_session = make_session(current)
+    current_bytes = serialized(current)  # once for the checker and the session: 0.1 s per 90 MB
+    strict_check = _passes_full_check(current if current_bytes is None else current_bytes)
+    reference_session = make_session(current, model_bytes=current_bytes)
     names = [o.name for o in reference_session.get_outputs()]
     try:
         reference = run_all(reference_session, feeds)
@@ -118,38 +119,39 @@ def compress(model, pipeline, calibration=None, max_drift: str | None = None, sa
             raise
         raise OnnxShrinkError(f"synthesized inputs do not run this model ({str(exc)[:160]}); give real inputs "
                               "with --calib (an .npz of stacked samples also serves scalar and RNN-state inputs)") from None
-    del reference_session
+    del reference_session, current_bytes
 
-    original = model_stats(current)
+    original = stats = model_stats(current)
     records = []
     progress = _progress_bar(show_progress)
     context = PassContext(data=data, data_is_real=data.real, progress=progress, warn=log.warning, reference=current)
     fidelity: dict = {"cosine": 1.0, "max_abs": 0.0, "max_rel": 0.0}
     for step in progress(pipeline.passes, desc="passes", unit="pass"):
-        record, candidate = _run_step(step, current, context, strict_check, names, reference, feeds, bounds)
+        record, candidate = _run_step(step, current, stats, context, strict_check, names, reference, feeds, bounds)
         records.append(record)
         if record.status in ("applied", "unchanged"):
-            current = candidate
+            current, stats = candidate, record.after
             fidelity = record.fidelity or fidelity
         log.info("%s: %s%s", step.spec(), record.status, f" ({record.message})" if record.message else "")
-    report = Report(str(pipeline), original, model_stats(current), data.origin, len(feeds),
+    report = Report(str(pipeline), original, stats, data.origin, len(feeds),
                     ",".join(map(str, bounds)), records, fidelity)
     return Result(current, report)
 
 
-def _run_step(step: Pass, model, context, strict_check, names, reference, feeds, bounds: list[Bound]):
+def _run_step(step: Pass, model, stats, context, strict_check, names, reference, feeds, bounds: list[Bound]):
     start = time.perf_counter()
     with PeakMemory() as peak:
-        result = step.apply(model, context)
+        result = step.apply(model, context, before=stats)
     wall = time.perf_counter() - start
     record = PassRecord(step.name, step.spec(), "applied", "", result.before, result.after, {}, {}, wall,
                         peak.bytes / 2**20, result.notes)
     if not result.modified:
         record.status = "unchanged"
-    problem = _validity_problem(result.model, strict_check)
+    model_bytes = serialized(result.model)
+    problem = _validity_problem(result.model if model_bytes is None else model_bytes, strict_check)
     if problem is None:
         try:
-            session = make_session(result.model)
+            session = make_session(result.model, model_bytes=model_bytes)
             outputs = run_all(session, adapt_feeds(feeds, session))
         except OnnxShrinkError as exc:
             problem = f"does not run in onnxruntime ({exc})"
@@ -167,7 +169,7 @@ def _run_step(step: Pass, model, context, strict_check, names, reference, feeds,
     return record, result.model
 
 
-def _passes_full_check(model: onnx.ModelProto) -> bool:
+def _passes_full_check(model: onnx.ModelProto | bytes) -> bool:
     try:
         onnx.checker.check_model(model, full_check=True)
         return True
@@ -175,7 +177,7 @@ def _passes_full_check(model: onnx.ModelProto) -> bool:
         return False
 
 
-def _validity_problem(model: onnx.ModelProto, strict: bool) -> str | None:
+def _validity_problem(model: onnx.ModelProto | bytes, strict: bool) -> str | None:
     try:
         onnx.checker.check_model(model, full_check=strict)
     except Exception as exc:  # ValidationError, InferenceError, ValueError (size) all mean "invalid"

@@ -72,9 +72,11 @@ class Pass:
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
         raise NotImplementedError
 
-    def apply(self, model: onnx.ModelProto, context: PassContext | None = None) -> PassResult:
+    def apply(self, model: onnx.ModelProto, context: PassContext | None = None,
+              before: ModelStats | None = None) -> PassResult:
+        """Run the pass on a copy of `model`; `before`, where the caller knows model_stats(model), saves its cost."""
         context = context or PassContext()
-        before = model_stats(model)
+        before = before or model_stats(model)
         output = self.run(load(model), context)
         modified = output.model != model  # protobuf equality: any change to the graph counts
         return PassResult(self.name, self.options, output.model, before, model_stats(output.model), output.notes, modified)
