@@ -29,6 +29,7 @@ import onnxruntime  # noqa: F401
 from onnxruntime import quantization as ortq
 
 import onnxshrink
+import onnxshrink.passes  # noqa: F401  (the passes import scipy, as the peer's quantizer imports its modules above)
 from onnxshrink.calibration import InputSpec, NpzSamples
 from _report import peak_rss_mb
 

@@ -2,6 +2,7 @@
 four reference models, in one run, each judged by what its task needs.
 
     python benchmarks/quantize.py [--models digits yolov8n ppocr minilm] [--runs 30] [--calib 16] [--test N]
+                                  [--wall-rounds 3]
     python benchmarks/quantize.py --rss-sweep [--sweep-digits 50 500] [--sweep-yolo 8 64]
 
 Prints a markdown table per run: file size, fidelity on held-out test data (digits: accuracy;
@@ -10,8 +11,9 @@ cosine and text-mask IoU; MiniLM: sentence-embedding and hidden-state cosine), l
 vs fp32 (batch 1; 1 and 2 threads; medians of runs interleaved with fp32 and every other
 variant of the model in the same loop), and the quantization's wall time and peak RSS, each
 quantization in a fresh process (benchmarks/_peak_rss.py) so one tool's memory never counts
-against another's. `--rss-sweep` instead measures how calibration memory and time grow with
-the sample count. Progress goes to stderr, tables to stdout.
+against another's. A second table times our minmax quantization against ORT's static ones in
+interleaved rounds (`--wall-rounds`), medians. `--rss-sweep` instead measures how calibration
+memory and time grow with the sample count. Progress goes to stderr, tables to stdout.
 
 onnxshrink passes that are not registered (yet) show as "not available"; any step that fails
 shows its error in its own cell and the run goes on. ORT's MatMulNBitsQuantizer needs the
@@ -362,6 +364,39 @@ def error_row(key: str, exc: Exception) -> list[str]:
 
 
 # --------------------------------------------------------------------------
+# Wall time, ours vs ORT, interleaved
+# --------------------------------------------------------------------------
+WALL_OURS = "quantize-int8(calibration=minmax)"
+
+
+def wall_rounds(args, workdir: Path) -> list[list[str]]:
+    """Our minmax quantization and ORT's static ones, each in a fresh process, in turn for
+    `--wall-rounds` rounds: one pass each through the table is one sample of a noisy machine."""
+    rows = []
+    for key in args.models:
+        bench = MODELS[key]
+        peers = [label for label in PLAN[key] if PEERS.get(label, ("",))[0] == "ort-static"]
+        model = bench.fetch()
+        calib = inputs.calibration_npz(bench.calib_name, workdir / f"{key}-calib.npz", args.calib or CALIBRATION[key])
+        walls = {label: [] for label in [WALL_OURS, *peers]}
+        passes = []
+        for round_ in range(args.wall_rounds):
+            log(f"{bench.title}: wall-time round {round_ + 1} of {args.wall_rounds}")
+            for label in walls:
+                variant = quantize(label, model, calib, workdir / f"{key}-wall.onnx", args.timeout)
+                walls[label].append(variant.wall_s if variant.wall_s is not None else float("nan"))
+                if label == WALL_OURS and variant.pass_s is not None:
+                    passes.append(variant.pass_s)
+        ours = float(np.median(walls[WALL_OURS]))
+        for label in peers:
+            theirs = float(np.median(walls[label]))
+            rows.append([bench.title, label, " / ".join(f"{t:.2f}" for t in walls[WALL_OURS]),
+                         " / ".join(f"{t:.2f}" for t in walls[label]), f"{ours / theirs:.2f}",
+                         f"{np.median(passes) / theirs:.2f}" if passes else "—"])
+    return rows
+
+
+# --------------------------------------------------------------------------
 # --rss-sweep
 # --------------------------------------------------------------------------
 def rss_sweep(args, workdir: Path) -> list[list[str]]:
@@ -383,6 +418,24 @@ def rss_sweep(args, workdir: Path) -> list[list[str]]:
     return rows
 
 
+def print_table(args, rows: list[list[str]], abouts: list[str], start: float) -> None:
+    print(markdown(["model", "tool / pipeline", "file KB", "size ×", "fidelity vs fp32 (test data)",
+                    "latency × 1 thread", "latency × 2 threads", "quant s (ours: passes alone)", "quant peak RSS MB", "note"], rows))
+    counts = ", ".join(f"{MODELS[k].title} {args.calib or CALIBRATION[k]}" for k in args.models)
+    print(f"\nCalibration samples: {counts} (models/inputs.calibration_npz), the same .npz for every tool. "
+          f"Test data, held out where the inputs allow:")
+    for about in abouts:
+        print(f"- {about}")
+    print(f"\nLatency: batch 1, ratio of medians over {args.runs} runs interleaved with fp32 and every variant of "
+          f"the model (< 1 is faster). Quantization: one fresh process each, {args.timeout:.0f} s at most; our time "
+          f"includes compress()'s check of the result (checker, a session, {CHECK_SAMPLES} runs of each model), the "
+          f"passes' own time in brackets; peak RSS = "
+          f"the process's high-water mark (VmHWM) minus its value after the imports. YOLOv8n F1: detections after "
+          f"class-aware NMS (IoU 0.45, confidence as shown) matched to fp32's at IoU >= 0.5, same class. PP-OCR mask: "
+          f"map > {PPOCR_MASK}. ORT static: QDQ, per-channel, MinMax; dynamic: per-channel QInt8; MatMulNBits: 4-bit, "
+          f"block 32, symmetric, accuracy_level 4. Total {time.perf_counter() - start:.0f} s.")
+
+
 # --------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -397,6 +450,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds one quantization may take before its row says it timed out "
                              f"(default {TABLE_TIMEOUT:.0f}; --rss-sweep {SWEEP_TIMEOUT:.0f})")
+    parser.add_argument("--wall-rounds", type=int, default=3,
+                        help="rounds of the interleaved wall-time comparison, ours minmax vs ORT static (0: skip)")
+    parser.add_argument("--wall-only", action="store_true", help="only the wall-time comparison")
     parser.add_argument("--rss-sweep", action="store_true",
                         help="instead of the table: peak RSS and time of calibration at two sample counts")
     parser.add_argument("--sweep-digits", type=int, nargs=2, default=SWEEP["digits"], metavar=("FEW", "MANY"))
@@ -416,7 +472,7 @@ def main() -> int:
                   f"rows; YOLOv8n images past 16 are mirrored/cropped photos. Total {time.perf_counter() - start:.0f} s.")
             return 0
         rows, abouts = [], []
-        for key in args.models:
+        for key in ([] if args.wall_only else args.models):
             try:
                 model_rows, about = bench_model(key, args, workdir)
                 rows += model_rows
@@ -424,21 +480,17 @@ def main() -> int:
             except Exception as exc:  # a model that cannot be fetched or fed must not end the run
                 log(f"{key}: {exc!r}")
                 rows.append(error_row(key, exc))
-    print(markdown(["model", "tool / pipeline", "file KB", "size ×", "fidelity vs fp32 (test data)",
-                    "latency × 1 thread", "latency × 2 threads", "quant s (ours: passes alone)", "quant peak RSS MB", "note"], rows))
-    counts = ", ".join(f"{MODELS[k].title} {args.calib or CALIBRATION[k]}" for k in args.models)
-    print(f"\nCalibration samples: {counts} (models/inputs.calibration_npz), the same .npz for every tool. "
-          f"Test data, held out where the inputs allow:")
-    for about in abouts:
-        print(f"- {about}")
-    print(f"\nLatency: batch 1, ratio of medians over {args.runs} runs interleaved with fp32 and every variant of "
-          f"the model (< 1 is faster). Quantization: one fresh process each, {args.timeout:.0f} s at most; our time "
-          f"includes compress()'s check of the result (checker, a session, {CHECK_SAMPLES} runs of each model), the "
-          f"passes' own time in brackets; peak RSS = "
-          f"the process's high-water mark (VmHWM) minus its value after the imports. YOLOv8n F1: detections after "
-          f"class-aware NMS (IoU 0.45, confidence as shown) matched to fp32's at IoU >= 0.5, same class. PP-OCR mask: "
-          f"map > {PPOCR_MASK}. ORT static: QDQ, per-channel, MinMax; dynamic: per-channel QInt8; MatMulNBits: 4-bit, "
-          f"block 32, symmetric, accuracy_level 4. Total {time.perf_counter() - start:.0f} s.")
+    if not args.wall_only:
+        print_table(args, rows, abouts, start)
+    if args.wall_rounds:
+        with tempfile.TemporaryDirectory(prefix="onnxshrink-quantize-") as folder:
+            rows = wall_rounds(args, Path(folder))
+        print()
+        print(markdown(["model", "peer", f"ours {WALL_OURS} s, by round", "peer s, by round",
+                        "ours / peer (medians)", "passes alone / peer"], rows))
+        print(f"\nEach quantization in a fresh process, ours and the peers in turn, {args.wall_rounds} rounds; ours "
+              f"is compress() with its default check of the result ({CHECK_SAMPLES} samples). "
+              f"Total {time.perf_counter() - start:.0f} s.")
     return 0
 
 
