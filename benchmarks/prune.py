@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quantize as bench  # noqa: E402  (models, test sets, task measures, latency: shared with the quantize table)
 from _report import log, markdown  # noqa: E402
-from quantize import inputs, measure_latency, latency_cell, outputs_by_name, short  # noqa: E402
+from quantize import inputs, latency_cell, measure_latency, short  # noqa: E402
 
 import onnxshrink  # noqa: E402
 
@@ -172,14 +172,7 @@ def bench_model(key: str, args, workdir: Path) -> tuple[list[list[str]], str]:
         variants.append(variant)
 
     log(f"{model_bench.title}: fidelity on {len(test.feeds)} test feeds")
-    reference = outputs_by_name(model, test.feeds)
-    fp32.fidelity = model_bench.reference(reference, test)
-    for variant in variants[1:]:
-        if variant.path is not None:
-            try:
-                variant.fidelity = model_bench.fidelity(reference, outputs_by_name(variant.path, test.feeds), test)
-            except Exception as exc:  # ORT load/run errors and metric shape errors alike
-                variant.fidelity = f"error: {short(exc)}"
+    bench.fill_fidelity(model_bench, variants, test)
     log(f"{model_bench.title}: latency, 1 thread, {args.runs} interleaved runs")
     measure_latency(variants, test.latency_feed, 1, args.runs)
 

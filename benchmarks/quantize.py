@@ -278,6 +278,23 @@ def outputs_by_name(path: Path, feeds: list[dict]) -> dict:
     return {name: [result[i] for result in results] for i, name in enumerate(names)}
 
 
+def fill_fidelity(bench: ModelBench, variants: list[Variant], test: TestSet, on_candidate=None) -> None:
+    """Each variant's task fidelity against variants[0] (fp32) on the test feeds, in its own cell;
+    `on_candidate(variant, reference outputs, its outputs)` may take more from the same run."""
+    reference = outputs_by_name(variants[0].path, test.feeds)
+    variants[0].fidelity = bench.reference(reference, test)
+    for variant in variants[1:]:
+        if variant.path is None:
+            continue
+        try:
+            candidate = outputs_by_name(variant.path, test.feeds)
+            variant.fidelity = bench.fidelity(reference, candidate, test)
+            if on_candidate is not None:
+                on_candidate(variant, reference, candidate)
+        except Exception as exc:  # ORT load/run errors and metric shape errors alike
+            variant.fidelity = f"error: {short(exc)}"
+
+
 def measure_latency(variants: list[Variant], feed: dict, threads: int, runs: int) -> None:
     """All variants that load and run, timed in one interleaved loop; ratios are taken against variants[0] (fp32)."""
     sessions, timed = [], []
@@ -332,15 +349,7 @@ def bench_model(key: str, args, workdir: Path) -> tuple[list[list[str]], str]:
         variants.append(variant)
 
     log(f"{bench.title}: fidelity on {len(test.feeds)} test feeds")
-    reference = outputs_by_name(model, test.feeds)
-    fp32.fidelity = bench.reference(reference, test)
-    for variant in variants[1:]:
-        if variant.path is None:
-            continue
-        try:
-            variant.fidelity = bench.fidelity(reference, outputs_by_name(variant.path, test.feeds), test)
-        except Exception as exc:  # ORT load/run errors and metric shape errors alike
-            variant.fidelity = f"error: {short(exc)}"
+    fill_fidelity(bench, variants, test)
     for threads in (1, 2):
         log(f"{bench.title}: latency, {threads} thread(s), {args.runs} interleaved runs")
         measure_latency(variants, test.latency_feed, threads, args.runs)
