@@ -41,7 +41,7 @@ PLAN = {
         *[f"prune(sparsity={s},method=obs),reconstruct" for s in (0.5, 0.7, 0.9)],
         "prune(sparsity=0.9,method=obs,scope=global),reconstruct",
         *[f"cluster(bits={b})" for b in (2, 3, 4, 6)],
-        "pq(subvector=4,centroids=256)", "pq(subvector=8,centroids=256)",
+        "cluster(bits=4,scope=channel)", "pq(subvector=4,centroids=64)",
         *[f"svd(ratio={r})" for r in (0.3, 0.5)],
         "quantize-weights(bits=4,method=gptq)",
         "prune(sparsity=0.9,method=obs),cluster(bits=4),reconstruct",
@@ -51,7 +51,7 @@ PLAN = {
     ],
     "minilm": [
         "prune(sparsity=0.5,method=obs)",
-        *[f"cluster(bits={b})" for b in (3, 4, 6)],
+        *[f"cluster(bits={b})" for b in (3, 4, 6)], "cluster(bits=4,scope=channel)",
         "pq(subvector=4,centroids=256)",
         "svd(ratio=0.7,activation_aware=false)", "svd(ratio=0.7)", "svd(rank=auto,ratio=0.7)",
         "quantize-weights(bits=4,method=gptq)",
@@ -59,10 +59,10 @@ PLAN = {
     ],
     "yolov8n": [
         "prune(sparsity=0.5)",
-        *[f"cluster(bits={b})" for b in (4, 6, 8)],
+        *[f"cluster(bits={b})" for b in (4, 6, 8)], "cluster(bits=6,scope=channel)",
         *[f"tucker(ratio={r})" for r in (0.5, 0.7)],
         "prune(sparsity=0.5),cluster(bits=6)",
-        "prune(pattern=channel,sparsity=0.3),reconstruct,cluster(bits=6)",
+        "prune(pattern=channel,sparsity=0.3),reconstruct,cluster(bits=6,scope=channel)",
     ],
     "ppocr": [
         "prune(sparsity=0.5)",

@@ -1,0 +1,380 @@
+"""`cluster` and `pq`: weight sharing, Deep Compression's second stage (Han et al. 2016).
+
+* `cluster(bits=b)` replaces each large weight's values by the nearest of 2^b shared values, found
+  by 1-D k-means (`scope=tensor`: one codebook per weight; `scope=channel`: one per output
+  channel). Exact zeros, where a weight has many (a pruned one), keep a code of their own that
+  stays 0.0, so pruning survives clustering. `init=linear` spreads the first centroids evenly
+  between the smallest and largest weight (the paper found it best: the rare large weights
+  matter most and density-based starts miss them); `kmeans++` draws them from the data.
+* `pq(subvector=d, centroids=k)`: product quantization. Each weight row (the weights one output
+  reads: a Conv filter, a MatMul column, an embedding row) is cut into pieces of d consecutive
+  values; the pieces at one position across all rows share a codebook of k vectors, and a row
+  stores one byte per piece.
+
+Storage runs in stock onnxruntime: the codes are stored bit-packed (pack_codes' LSB-first layout)
+in a uint8 initializer and turned back into the weight, under its own name, by Reshape, Gather,
+Div, Mod, Cast and Add nodes placed before the graph's nodes. All of them read only constants,
+so onnxruntime folds them once when the session starts: the file shrinks to about bits/32 of the
+weights and the session runs the float model it rebuilds. Weights that are graph inputs, not
+float32, or smaller than `min_elements` stay as they are. Targets are the weights of MatMul, Gemm,
+Conv and ConvTranspose and the tables of Gather (embeddings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxshrink.errors import UsageError
+from onnxshrink.graph import all_names, attribute, constants_to_initializers, opset_version, unique_name
+from onnxshrink.options import PassOptions, option
+from onnxshrink.packing import pack_codes
+from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
+from onnxshrink.registry import register_pass
+
+# (op type, input position of the weight, axis of its output channels / rows)
+_WEIGHT_INPUTS = {"MatMul": (1, -1), "Gemm": (1, None), "Conv": (1, 0), "ConvTranspose": (1, 1), "Gather": (0, 0)}
+_MIN_OPSET = 11  # Gather/Reshape/Slice/Mod with the inputs the decoder uses
+_FIT_SAMPLE = 200_000  # k-means fits on at most this many weights, then assigns them all
+_ZERO_SHARE = 0.01  # a weight with at least this share of exact zeros keeps a code for 0.0
+
+
+@register_pass("cluster")
+class Cluster(Pass):
+    summary = "Share weights: k-means codebooks of 2^bits values, codes stored bit-packed (runs in stock ORT)."
+
+    @dataclass(frozen=True)
+    class Options(PassOptions):
+        bits: int = option(4, "code width: 2^bits shared values per codebook", low=1, high=8)
+        scope: str = option("tensor", "one codebook per weight, or per output channel", choices=("tensor", "channel"))
+        init: str = option("linear", "first centroids: evenly spaced over the range, or k-means++ draws",
+                           choices=("linear", "kmeans++"))
+        iterations: int = option(30, "Lloyd iterations of k-means", low=1)
+        # Lower than svd's: the first decoder costs about 2 kB, later ones share its constants, and
+        # 1,024 weights at 4 bits save 3.5 kB.
+        min_elements: int = option(1024, "smaller weights are left as they are", low=1)
+        exclude: tuple[str, ...] = option((), "op types or node names whose weights are left as they are")
+
+        def __post_init__(self):
+            super().__post_init__()
+            if not 2 <= self.bits <= 8:
+                raise UsageError(f"bits={self.bits} is out of range: give 2..8 (e.g. cluster(bits=4))")
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
+        opts = self.options
+        return _share(model, opts, lambda weight, axis: _cluster(weight, axis, opts), "cluster")
+
+
+@register_pass("pq")
+class ProductQuantize(Pass):
+    summary = "Product quantization of weight rows: pieces of `subvector` values share k-vector codebooks."
+
+    @dataclass(frozen=True)
+    class Options(PassOptions):
+        subvector: int = option(4, "values per piece of a row", low=1)
+        centroids: int = option(256, "codebook vectors per piece position (codes are bytes)", low=2, high=256)
+        iterations: int = option(20, "Lloyd iterations of k-means", low=1)
+        min_elements: int = option(4096, "smaller weights are left as they are", low=1)
+        exclude: tuple[str, ...] = option((), "op types or node names whose weights are left as they are")
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
+        opts = self.options
+        return _share(model, opts, lambda weight, axis: _product_quantize(weight, axis, opts), "pq")
+
+
+# --------------------------------------------------------------------------
+# Graph side: which weights, and the decoder that rebuilds each one
+# --------------------------------------------------------------------------
+def _share(model: onnx.ModelProto, opts, encode, name: str) -> PassOutput:
+    version = opset_version(model)
+    if version is None or version < _MIN_OPSET:
+        return PassOutput(model, [Note("(graph)", f"left as is: opset {version} < {_MIN_OPSET}; the decoder needs "
+                                                  f"opset {_MIN_OPSET} (convert the model first)")])
+    constants_to_initializers(model.graph)
+    targets, notes = _targets(model, opts)
+    if not targets:
+        return PassOutput(model, notes + [Note("(graph)", f"no weight of at least {opts.min_elements} elements to {name}")])
+    taken = all_names(model)
+    shared: dict = {}  # decoder constants that are the same for every weight (byte offsets, shifts)
+    decoders, replaced = [], set()
+    for tensor_name, (axis, where) in targets.items():
+        tensor = next(t for t in model.graph.initializer if t.name == tensor_name)
+        weight = numpy_helper.to_array(tensor)
+        encoded = encode(weight, axis)
+        if isinstance(encoded, str):
+            notes.append(Note(where, f"left as is: {encoded}"))
+            continue
+        nodes, inits, message = encoded.decoder(tensor_name, weight.shape, taken, shared)
+        decoders += nodes
+        model.graph.initializer.extend(inits)
+        replaced.add(tensor_name)
+        notes.append(Note(where, message))
+    if not replaced:
+        return PassOutput(model, notes)
+    kept = [t for t in model.graph.initializer if t.name not in replaced]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = decoders + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return PassOutput(model, notes)
+
+
+def _targets(model: onnx.ModelProto, opts) -> tuple[dict[str, tuple[int, str]], list[Note]]:
+    """weight name -> (axis of its output channels or rows, where to note it)."""
+    weights = {t.name: t for t in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
+    axes: dict[str, set] = {}
+    wheres: dict[str, str] = {}
+    notes = []
+    for node in model.graph.node:
+        spec = _WEIGHT_INPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if spec is None or len(node.input) <= spec[0]:
+            continue
+        name = node.input[spec[0]]
+        tensor = weights.get(name)
+        if tensor is None or name in graph_inputs or tensor.data_type != TensorProto.FLOAT:
+            continue
+        if int(np.prod(tensor.dims)) < opts.min_elements or len(tensor.dims) < 2:
+            continue
+        where = node.name or node.output[0]
+        if node.op_type in opts.exclude or node.name in opts.exclude:
+            notes.append(Note(where, "left as is: excluded"))
+            axes.setdefault(name, set()).add("excluded")
+            continue
+        axis = spec[1]
+        if node.op_type == "Gemm":
+            axis = 0 if attribute(node, "transB", 0) else 1
+        if node.op_type == "Gather" and attribute(node, "axis", 0) != 0:
+            axis = None  # rows along another axis: share per tensor only
+        axes.setdefault(name, set()).add(axis % len(tensor.dims) if axis is not None else None)
+        wheres.setdefault(name, where)
+    targets = {}
+    for name, found in axes.items():
+        if "excluded" in found:
+            continue
+        # A weight read by several nodes is rebuilt once, under its name, for all of them; its rows
+        # must mean the same to each (else: one codebook for the whole tensor).
+        targets[name] = (found.pop() if len(found) == 1 else None, wheres[name])
+    return targets, notes
+
+
+class _Encoded:
+    """Codes, codebook and how to rebuild the weight from them in the graph."""
+
+    def __init__(self, codes: np.ndarray, bits: int, codebook: np.ndarray, axis: int | None, about: str,
+                 rows_first: bool = False):
+        self.codes, self.bits, self.codebook, self.axis, self.about = codes, bits, codebook, axis, about
+        self.rows_first = rows_first  # pq: the codebook holds pieces (vectors), gathered into rows
+
+    def decoder(self, name: str, shape: tuple, taken: set, shared: dict) -> tuple[list, list, str]:
+        def fresh(suffix):
+            new = unique_name(f"{name}__{suffix}", taken)
+            taken.add(new)
+            return new
+
+        nodes, inits = [], []
+
+        def const(suffix, array):
+            array = np.asarray(array)
+            if array.size <= 16:  # small constants are common to many weights: store each once
+                key = (array.dtype.str, array.shape, array.tobytes())
+                if key not in shared:
+                    shared[key] = unique_name(f"weight_sharing__{suffix}", taken)
+                    taken.add(shared[key])
+                    inits.append(numpy_helper.from_array(array, shared[key]))
+                return shared[key]
+            tensor = numpy_helper.from_array(array, fresh(suffix))
+            inits.append(tensor)
+            return tensor.name
+
+        def node(op, inputs, suffix, **attrs):
+            out = fresh(suffix)
+            nodes.append(helper.make_node(op, inputs, [out], name=fresh(f"{suffix}_node"), **attrs))
+            return out
+
+        count = self.codes.size
+        padded = np.zeros(-(-count // 8) * 8, np.uint8)
+        padded[:count] = self.codes.reshape(-1)
+        packed = pack_codes(padded, self.bits)  # 8 codes fill exactly `bits` bytes
+        flat = self._unpack(const("codes", packed.reshape(-1, self.bits) if self.bits < 8 else packed), count,
+                            const, node)
+        if self.rows_first:  # pq: codes [rows, pieces] -> rows of pieces
+            rows, pieces = self.codes.shape
+            offsets = const("offsets", (np.arange(pieces, dtype=np.int32) * self.codebook.shape[1])[None, :])
+            index = node("Add", [node("Reshape", [flat, const("code_shape", np.array([rows, pieces], np.int64))],
+                                      "code_grid"), offsets], "index")
+            table = const("codebook", self.codebook.reshape(-1, self.codebook.shape[-1]).astype(np.float32))
+            moved = node("Reshape", [node("Gather", [table, index], "pieces"),
+                                     const("row_shape", np.array(self._moved_shape(shape), np.int64))], "rows")
+        else:
+            if self.codebook.ndim == 2:  # one codebook per channel: offset each channel's codes
+                channels, size = self.codebook.shape
+                grid = node("Reshape", [flat, const("code_shape", np.array([channels, -1], np.int64))], "code_grid")
+                flat = node("Add", [grid, const("offsets", (np.arange(channels, dtype=np.int32) * size)[:, None])],
+                            "index")
+            table = const("codebook", self.codebook.reshape(-1).astype(np.float32))
+            moved = node("Reshape", [node("Gather", [table, flat], "values"),
+                                     const("moved_shape", np.array(self._moved_shape(shape), np.int64))], "moved")
+        if self.axis not in (None, 0):
+            perm = self._perm(len(shape))
+            nodes.append(helper.make_node("Transpose", [moved], [name], name=fresh("restore_node"),
+                                          perm=list(np.argsort(perm))))
+        else:
+            nodes.append(helper.make_node("Identity", [moved], [name], name=fresh("restore_node")))
+        return nodes, inits, self.about
+
+    def _perm(self, rank: int) -> list[int]:
+        return [self.axis] + [d for d in range(rank) if d != self.axis]
+
+    def _moved_shape(self, shape: tuple) -> list[int]:
+        return [shape[d] for d in self._perm(len(shape))] if self.axis not in (None, 0) else list(shape)
+
+    def _unpack(self, packed: str, count: int, const, node) -> str:
+        """int32 codes [count] from the packed bytes, with stock integer ops (LSB-first layout)."""
+        if self.bits == 8:
+            wide = node("Cast", [packed], "wide", to=TensorProto.INT32)
+        else:
+            positions = np.arange(8) * self.bits
+            low = np.minimum(positions // 8, self.bits - 1)
+            # Past the group's last byte a code fits its low byte: any high byte is shifted off.
+            high = np.minimum(positions // 8 + 1, self.bits - 1)
+            grid = node("Cast", [packed], "wide", to=TensorProto.INT32)
+            low_bytes = node("Gather", [grid, const("low", low.astype(np.int64))], "low_bytes", axis=1)
+            high_bytes = node("Gather", [grid, const("high", high.astype(np.int64))], "high_bytes", axis=1)
+            word = node("Add", [low_bytes, node("Mul", [high_bytes, const("byte", np.array(256, np.int32))],
+                                                "shifted")], "word")
+            shifted = node("Div", [word, const("shift", (2 ** (positions % 8)).astype(np.int32))], "aligned")
+            wide = node("Mod", [shifted, const("mask", np.array(2 ** self.bits, np.int32))], "code")
+        flat = node("Reshape", [wide, const("flat", np.array([-1], np.int64))], "flat")
+        return node("Slice", [flat, const("start", np.array([0], np.int64)), const("stop", np.array([count], np.int64))],
+                    "codes_int")
+
+
+# --------------------------------------------------------------------------
+# Numbers: k-means
+# --------------------------------------------------------------------------
+def _cluster(weight: np.ndarray, axis: int | None, opts) -> _Encoded | str:
+    rng = np.random.default_rng(0)
+    levels = 2 ** opts.bits
+    per_channel = opts.scope == "channel" and axis is not None
+    moved = np.moveaxis(weight, axis, 0) if per_channel else weight  # codes follow this order
+    if per_channel:
+        rows = moved.reshape(moved.shape[0], -1).astype(np.float64)
+        if rows.shape[1] < 4 * levels:
+            return f"{rows.shape[1]} weights per channel are too few for {levels} shared values each"
+        books, codes = zip(*(_kmeans_1d(row, levels, opts, rng) for row in rows))
+        codebook, codes = np.stack(books), np.stack(codes)
+        scope = f"{rows.shape[0]} codebooks"
+    else:
+        codebook, codes = _kmeans_1d(moved.reshape(-1).astype(np.float64), levels, opts, rng)
+        scope = "1 codebook"
+    error = np.sqrt(np.mean((np.take_along_axis(np.atleast_2d(codebook), np.atleast_2d(codes), axis=1).reshape(-1)
+                             - moved.reshape(-1)) ** 2)) / (np.sqrt(np.mean(moved ** 2)) or 1.0)
+    about = (f"{opts.bits}-bit codes, {scope} of {levels}: {weight.size:,} weights in "
+             f"{(weight.size * opts.bits + 7) // 8 + codebook.size * 4:,} bytes (of {weight.size * 4:,}); "
+             f"relative RMS error {error:.4f}")
+    return _Encoded(codes.astype(np.uint8), opts.bits, codebook, axis if per_channel else None, about)
+
+
+def _kmeans_1d(values: np.ndarray, levels: int, opts, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted codebook [levels], codes [values.size]); exact zeros keep code 0 = 0.0 where they are many."""
+    zeros = values == 0
+    keep_zero = zeros.mean() >= _ZERO_SHARE
+    data = values[~zeros] if keep_zero else values
+    free = levels - 1 if keep_zero else levels
+    if data.size == 0:
+        return np.zeros(levels), np.zeros(values.size, np.int64)
+    sample = data if data.size <= _FIT_SAMPLE else rng.choice(data, _FIT_SAMPLE, replace=False)
+    sample = np.sort(sample)  # linear init reads the ends
+    unique = np.unique(sample)
+    if unique.size <= free:
+        centroids = unique
+    else:
+        centroids = _initial(sample, free, opts.init, rng)
+        for _ in range(opts.iterations):
+            labels = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, sample)
+            sums = np.bincount(labels, weights=sample, minlength=free)
+            counts = np.bincount(labels, minlength=free)
+            updated = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)  # an empty one stays put
+            updated = np.sort(updated)
+            if np.allclose(updated, centroids, rtol=0, atol=1e-12):
+                break
+            centroids = updated
+    codebook = np.zeros(levels)
+    offset = 1 if keep_zero else 0
+    codebook[offset:offset + centroids.size] = centroids
+    if centroids.size < free:  # fewer distinct values than codes: pad with the last one, never used
+        codebook[offset + centroids.size:] = centroids[-1]
+    codes = offset + np.clip(np.searchsorted((centroids[1:] + centroids[:-1]) / 2, values), 0, centroids.size - 1)
+    if keep_zero:
+        codes[zeros] = 0
+    return codebook, codes
+
+
+def _initial(sorted_sample: np.ndarray, count: int, init: str, rng) -> np.ndarray:
+    if init == "linear":
+        return np.linspace(sorted_sample[0], sorted_sample[-1], count)
+    # k-means++ in 1-D: draw each next centroid with probability proportional to the squared
+    # distance to the nearest one drawn so far.
+    chosen = [rng.choice(sorted_sample)]
+    nearest = (sorted_sample - chosen[0]) ** 2
+    for _ in range(count - 1):
+        total = nearest.sum()
+        pick = rng.choice(sorted_sample.size, p=nearest / total) if total > 0 else rng.integers(sorted_sample.size)
+        chosen.append(sorted_sample[pick])
+        nearest = np.minimum(nearest, (sorted_sample - sorted_sample[pick]) ** 2)
+    return np.sort(np.array(chosen))
+
+
+def _product_quantize(weight: np.ndarray, axis: int | None, opts) -> _Encoded | str:
+    if axis is None:
+        return "its rows do not mean the same to every reader"
+    moved = np.moveaxis(weight, axis, 0)
+    rows = moved.reshape(moved.shape[0], -1).astype(np.float64)
+    d, k = opts.subvector, opts.centroids
+    if rows.shape[1] % d:
+        return f"rows of {rows.shape[1]} values do not split into pieces of {d}"
+    if rows.shape[0] <= k:
+        return f"{rows.shape[0]} rows are too few for codebooks of {k} vectors"
+    pieces = rows.reshape(rows.shape[0], -1, d)  # [rows, positions, d]
+    rng = np.random.default_rng(0)
+    books, codes = [], []
+    for position in range(pieces.shape[1]):
+        book, code = _kmeans(pieces[:, position, :], k, opts.iterations, rng)
+        books.append(book)
+        codes.append(code)
+    codebook, codes = np.stack(books), np.stack(codes, axis=1)  # [positions, k, d], [rows, positions]
+    rebuilt = codebook[np.arange(pieces.shape[1])[None, :], codes]
+    error = np.sqrt(np.mean((rebuilt - pieces) ** 2)) / (np.sqrt(np.mean(pieces ** 2)) or 1.0)
+    stored = codes.size + codebook.size * 4
+    about = (f"{codes.shape[1]} pieces of {d} per row, codebooks of {k}: {weight.size:,} weights in {stored:,} bytes "
+             f"(of {weight.size * 4:,}); relative RMS error {error:.4f}")
+    return _Encoded(codes.astype(np.uint8), 8, codebook, axis, about, rows_first=True)
+
+
+def _kmeans(points: np.ndarray, k: int, iterations: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means on points [n, d] from k distinct points drawn at random: (centroids [k, d], codes [n])."""
+    distinct = np.unique(points, axis=0)
+    if len(distinct) <= k:  # as many codes as different pieces: exact
+        centroids = np.concatenate([distinct, np.repeat(distinct[-1:], k - len(distinct), axis=0)])
+        iterations = 1
+    else:  # drawn from the distinct pieces: a repeated start would leave a code empty for good
+        centroids = distinct[rng.choice(len(distinct), k, replace=False)].copy()
+    squared = np.sum(points ** 2, axis=1)[:, None]
+    codes = np.zeros(points.shape[0], np.int64)
+    for step in range(iterations):
+        distances = squared - 2 * points @ centroids.T + np.sum(centroids ** 2, axis=1)[None, :]
+        new_codes = np.argmin(distances, axis=1)
+        if step and np.array_equal(new_codes, codes):
+            break
+        codes = new_codes
+        counts = np.bincount(codes, minlength=k)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, codes, points)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return centroids, codes
