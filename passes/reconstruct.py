@@ -25,6 +25,8 @@ and fail on every other image.
   positions per image, drawn at random with a fixed seed, enter the sums of a larger map: the
   large maps are the early, narrow layers, whose few unknowns need far fewer equations. A Conv
   without a bias gets one: a bias is what gives back the average that removed channels fed it.
+* A MatMul/Gemm whose weight `cluster` rebuilds from a codebook: the codebook's values are the
+  unknowns (each weight keeps its code), from the same three Grams (SharedDense).
 * ConvTranspose: the same, seen as the stride-1 Conv with the flipped kernel that it is over its
   input with stride - 1 zeros inserted between neighbours.
 
@@ -254,6 +256,63 @@ class Dense:
 
 
 @dataclass(eq=False)
+class SharedDense(Dense):
+    """A MatMul/Gemm whose weight `cluster` rebuilds from a codebook: the unknowns are the codebook's
+    values (and the bias), W = sum_p c_p M_p with M_p marking the entries that read value p, so
+    X W = sum_p c_p (X M_p) stays linear and its normal equations come from the same Gram sums:
+    A_pq = sum(M_q * (X^T X) M_p), b_p = sum(M_p * X^T Y). Values that are exactly 0 (the code
+    `cluster` keeps for pruned weights) stay 0."""
+
+    codebook: str = ""
+    positions: np.ndarray | None = None  # [K, N]: the codebook position each weight reads
+
+    def refit(self, model, weights, damping, taken) -> tuple[float, float, str]:
+        values = numpy_helper.to_array(weights[self.codebook]).astype(np.float64)
+        flat = values.reshape(-1)
+        free = np.array([p for p in np.unique(self.positions) if flat[p] != 0], dtype=np.int64)
+        masks = [(self.positions == p).astype(np.float64) for p in free]
+        biased = self.bias is not None
+        k, n = self.positions.shape
+        target = _stack(self.original_weight, self.original_bias)
+        grams, rhs, energy = [], [], []
+        for fold in range(FOLDS):
+            inner, cross, outer = (self.sums[key].grams[fold].total() for key in ("inner", "cross", "outer"))
+            if not biased:
+                inner, cross, outer = inner[:-1, :-1], cross[:-1, :-1], outer[:-1, :-1]
+            right = cross @ target
+            spread = [inner[:k, :k] @ m for m in masks]
+            a = np.array([[np.sum(m * s) for m in masks] for s in spread])
+            b = np.array([np.sum(m * right[:k]) for m in masks])
+            if biased:
+                mixed = np.stack([inner[k, :k] @ m for m in masks])  # [values, N]: sum x against each column
+                a = np.block([[a, mixed], [mixed.T, inner[k, k] * np.eye(n)]])
+                b = np.concatenate([b, right[k]])
+            grams.append(a[None])
+            rhs.append(b[None, :, None])
+            energy.append(np.sum(target * (outer @ target)))
+        start = flat[free]
+        if biased:
+            start = np.concatenate([start, numpy_helper.to_array(weights[self.bias]).astype(np.float64).reshape(-1)])
+        result = fit(Problem(np.stack(grams), np.stack(rhs), np.array(energy)), start[None, :, None],
+                     np.ones((1, start.size, 1), bool), damping)
+        how = f" ({len(free)} codebook values: {result.how})"
+        if not result.changed:
+            return result.before, result.after, how
+        solved = result.weights[0, :, 0]
+        flat = flat.copy()
+        flat[free] = solved[:len(free)]
+        weights[self.codebook].CopyFrom(numpy_helper.from_array(flat.reshape(values.shape).astype(np.float32),
+                                                                self.codebook))
+        if biased:
+            weights[self.bias].CopyFrom(numpy_helper.from_array(solved[len(free):].astype(np.float32), self.bias))
+        return result.before, result.after, how
+
+
+# A clustered layer's normal equations need one K x K x N product per codebook value.
+_MAX_SHARED_VALUES = 256
+
+
+@dataclass(eq=False)
 class _InputGram:
     """sum [x 1]^T [y 1] over each fold's calibration samples; x and y are ("current"|"original", tensor name)."""
 
@@ -478,8 +537,14 @@ def _changed_layers(model, reference, max_positions: int) -> tuple[list, list[No
         where = node.name or node.output[0]
         original = original_nodes.get(where)
         name = node.input[1]
-        if original is None or original.op_type != node.op_type or name not in weights or len(original.input) < 2 \
+        if original is None or original.op_type != node.op_type or len(original.input) < 2 \
                 or original.input[1] not in original_values:
+            continue
+        if name not in weights:
+            layer = _shared_layer(node, original, model, reference, weights, original_values, uses, tappable,
+                                  original_tappable, notes)
+            if layer is not None:
+                layers.append(layer)
             continue
         stored = numpy_helper.to_array(weights[name])
         before = numpy_helper.to_array(original_values[original.input[1]])
@@ -531,6 +596,38 @@ def _changed_layers(model, reference, max_positions: int) -> tuple[list, list[No
         layers.append(Dense(node, name, bias, original.input[0], matrix, original_bias, transposed,
                             stored.shape[1 if transposed else 0]))
     return layers, notes
+
+
+def _shared_layer(node, original, model, reference, weights, original_values, uses, tappable, original_tappable,
+                  notes) -> SharedDense | None:
+    """The layer to refit when `cluster` rebuilds its weight from a codebook (None otherwise, with a note
+    where it is clustered but cannot be refit)."""
+    from .weight_sharing import shared_weight
+
+    name, where = node.input[1], node.name or node.output[0]
+    shared = shared_weight(model, node.input[1])
+    if shared is None:
+        return None
+    codebook, positions = shared
+    before = numpy_helper.to_array(original_values[original.input[1]])
+    transposed = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
+    if node.op_type not in ("MatMul", "Gemm") or positions.ndim != 2 or positions.shape != before.shape:
+        notes.append(Note(where, f"not refit: clustered {node.op_type} codebooks are refit for MatMul/Gemm only"))
+        return None
+    if node.op_type == "Gemm" and (attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0):
+        return None
+    if uses.get(name, 0) != 1 or uses.get(codebook, 0) != 1 or node.input[0] not in tappable \
+            or original.input[0] not in original_tappable or original.output[0] not in original_tappable:
+        notes.append(Note(where, "not refit: shared codebook or an input that cannot be observed"))
+        return None
+    if len(np.unique(positions)) > _MAX_SHARED_VALUES:
+        notes.append(Note(where, f"not refit: more than {_MAX_SHARED_VALUES} shared values (per-channel codebooks)"))
+        return None
+    channels = np.arange(before.shape[0 if transposed else 1])
+    bias, original_bias = _bias(node, model, reference, weights, original_values, uses, channels)
+    matrix = (before.T if transposed else before).astype(np.float64)
+    return SharedDense(node, name, bias, original.input[0], matrix, original_bias, transposed, matrix.shape[0],
+                       codebook=codebook, positions=positions.T if transposed else positions)
 
 
 def _bias(node, model, reference, weights, original_values, uses, channels):

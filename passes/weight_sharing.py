@@ -254,6 +254,46 @@ class _Encoded:
                     "codes_int")
 
 
+def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] | None:
+    """For a weight that `cluster` rebuilds: (its codebook initializer, the codebook position of every
+    entry, shaped like the weight); None for any other tensor. `reconstruct` refits codebooks with it.
+
+    The positions come from running the weight's decoder with the codebook replaced by 0, 1, 2, ...:
+    whatever layout the codes were stored in, each entry then reads its own position."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    constants = {t.name: t for t in model.graph.initializer}
+    decoder, pending = [], [name]
+    while pending:
+        tensor = pending.pop()
+        node = producers.get(tensor)
+        if node is None:
+            if tensor in constants or not tensor:
+                continue
+            return None  # computed from the model's inputs: not a decoder
+        if node not in decoder:
+            decoder.append(node)
+            pending.extend(node.input)
+        if len(decoder) > 16:  # decoders have 13 nodes at most
+            return None
+    tables = [n.input[0] for n in decoder if n.op_type == "Gather" and "__codebook" in n.input[0]
+              and n.input[0] in constants]
+    if len(tables) != 1:
+        return None
+    codebook = constants[tables[0]]
+    used = {i for n in decoder for i in n.input}
+    positions = numpy_helper.from_array(np.arange(int(np.prod(codebook.dims)), dtype=np.float32).reshape(
+        tuple(codebook.dims)), codebook.name)
+    inits = [positions] + [t for t in model.graph.initializer if t.name in used and t.name != codebook.name]
+    order = [n for n in model.graph.node if n in decoder]
+    graph = helper.make_graph(order, "decoder", [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)],
+                              inits)
+    probe = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    from onnxshrink.runtime import make_session
+
+    (values,) = make_session(probe, threads=1, optimization="none").run(None, {})
+    return codebook.name, np.rint(values).astype(np.int64)
+
+
 # --------------------------------------------------------------------------
 # Numbers: k-means
 # --------------------------------------------------------------------------

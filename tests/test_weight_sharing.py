@@ -136,6 +136,27 @@ def test_old_opset_is_left_with_a_note():
     assert record.status == "unchanged" and "opset 9" in record.notes[0].message
 
 
+def test_reconstruct_refits_the_codebook_and_keeps_zeros():
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((48, 16)).astype(np.float32)
+    weight[rng.random(weight.shape) < 0.5] = 0
+    model = layer_model(weight)
+    x = (rng.standard_normal((256, 48)) * np.geomspace(3, 0.1, 48)).astype(np.float32)  # unequal inputs
+    clustered = onnxshrink.compress(model, "cluster(bits=2,min_elements=16)", samples=1).model
+    result = onnxshrink.compress(model, "cluster(bits=2,min_elements=16),reconstruct", calibration=[{"x": x}])
+    (_, refit) = result.report.passes
+    assert refit.status == "applied" and "3 codebook values" in refit.notes[0].message
+    rebuilt = rebuilt_weight(result.model)
+    np.testing.assert_array_equal(rebuilt == 0, weight == 0)
+    assert len(np.unique(rebuilt)) <= 4
+    test = (rng.standard_normal((64, 48)) * np.geomspace(3, 0.1, 48)).astype(np.float32)
+    reference = test @ weight
+    before, after = (np.linalg.norm(run(m, {"x": test})[0] - reference) for m in (clustered, result.model))
+    # Three free values can only rescale the code groups: the gain is small but real, on held-out inputs too.
+    fitted, refitted = (float(v) for v in refit.notes[0].message.split("output error ")[1].split(" of")[0].split(" -> "))
+    assert refitted < 0.99 * fitted and after < before, (fitted, refitted, before, after)
+
+
 @pytest.mark.parametrize("spec", ["cluster(bits=1)", "cluster(bits=9)", "cluster(scope=row)", "pq(centroids=300)"])
 def test_bad_options_are_usage_errors(spec):
     with pytest.raises(UsageError):
@@ -149,16 +170,17 @@ def test_digits_mlp_clustered_after_pruning(digits_mlp_path, tmp_path):
 
     X, y = zoo.digits_test()
     model = onnx.load(digits_mlp_path)
-    result = onnxshrink.compress(model, "prune(sparsity=0.9,method=obs),reconstruct,cluster(bits=4)",
-                                 calibration=[{"input": X[:300]}])
-    assert [p.status for p in result.report.passes] == ["applied"] * 3
+    result = onnxshrink.compress(model, "prune(sparsity=0.9,method=obs,scope=global),reconstruct,cluster(bits=4),"
+                                        "reconstruct", calibration=[{"input": X[:300]}])
+    assert [p.status for p in result.report.passes] == ["applied"] * 4
+    assert sum("codebook values" in n.message for n in result.report.passes[3].notes) == 3  # fc1..fc3 refit
     session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     accuracy = np.mean(session.run(None, {"input": X[300:]})[0].argmax(1) == y[300:])
     onnxshrink.save(result.model, tmp_path / "small.onnx")
     pack_file(tmp_path / "small.onnx", tmp_path / "small.onnxz")
     ratio = (tmp_path / "small.onnxz").stat().st_size / len(model.SerializeToString())
-    # Measured: accuracy 0.975 (fp32 0.992 on these 240 rows), packed file 0.048x (20.7x smaller).
-    assert accuracy >= 0.96 and ratio < 0.055, (accuracy, ratio)
+    # Measured: accuracy 0.983 (fp32 0.992 on these 240 rows), packed file 0.048x (20.9x smaller).
+    assert accuracy >= 0.975 and ratio < 0.052, (accuracy, ratio)
 
 
 @pytest.mark.realmodel
