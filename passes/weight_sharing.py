@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.errors import UsageError
+from onnxshrink.activations import main_graph_tensors
+from onnxshrink.errors import OnnxShrinkError, UsageError
 from onnxshrink.graph import all_names, attribute, constants_to_initializers, opset_version, unique_name
 from onnxshrink.options import PassOptions, option
 from onnxshrink.packing import pack_codes
@@ -45,6 +46,8 @@ _ZERO_SHARE = 0.01  # a weight with at least this share of exact zeros keeps a c
 @register_pass("cluster")
 class Cluster(Pass):
     summary = "Share weights: k-means codebooks of 2^bits values, codes stored bit-packed (runs in stock ORT)."
+    # Class-wide: method=gptq reads calibration data; an instance says what its own options need.
+    needs_data = True
 
     @dataclass(frozen=True)
     class Options(PassOptions):
@@ -53,6 +56,10 @@ class Cluster(Pass):
         init: str = option("linear", "first centroids: evenly spaced over the range, or k-means++ draws",
                            choices=("linear", "kmeans++"))
         iterations: int = option(30, "Lloyd iterations of k-means", low=1)
+        method: str = option("kmeans", "kmeans: each weight takes its nearest value; gptq: MatMul/Gemm rows take "
+                                       "theirs in turn, each rounding error compensated on the rows left (GPTQ, "
+                                       "from calibration Hessians)", choices=("kmeans", "gptq"))
+        max_samples: int = option(64, "gptq: calibration samples for the layer-input Hessians", low=1)
         # Lower than svd's: the first decoder costs about 2 kB, later ones share its constants, and
         # 1,024 weights at 4 bits save 3.5 kB.
         min_elements: int = option(1024, "smaller weights are left as they are", low=1)
@@ -63,9 +70,20 @@ class Cluster(Pass):
             if not 2 <= self.bits <= 8:
                 raise UsageError(f"bits={self.bits} is out of range: give 2..8 (e.g. cluster(bits=4))")
 
+    def __init__(self, options: PassOptions | None = None, **values):
+        super().__init__(options, **values)
+        self.needs_data = self.options.method == "gptq"
+
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
         opts = self.options
-        return _share(model, opts, lambda weight, axis: _cluster(weight, axis, opts), "cluster")
+        hessians: dict[str, np.ndarray] = {}
+        if opts.method == "gptq":
+            if context.data is None:
+                raise OnnxShrinkError("cluster(method=gptq) needs calibration data (--calib)")
+            constants_to_initializers(model.graph)
+            hessians = _input_hessians(model, opts, context)
+        return _share(model, opts, lambda weight, axis, name: _cluster(weight, axis, opts, hessians.get(name)),
+                      "cluster")
 
 
 @register_pass("pq")
@@ -82,7 +100,7 @@ class ProductQuantize(Pass):
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
         opts = self.options
-        return _share(model, opts, lambda weight, axis: _product_quantize(weight, axis, opts), "pq")
+        return _share(model, opts, lambda weight, axis, name: _product_quantize(weight, axis, opts), "pq")
 
 
 # --------------------------------------------------------------------------
@@ -103,7 +121,7 @@ def _share(model: onnx.ModelProto, opts, encode, name: str) -> PassOutput:
     for tensor_name, (axis, where) in targets.items():
         tensor = next(t for t in model.graph.initializer if t.name == tensor_name)
         weight = numpy_helper.to_array(tensor)
-        encoded = encode(weight, axis)
+        encoded = encode(weight, axis, tensor_name)
         if isinstance(encoded, str):
             notes.append(Note(where, f"left as is: {encoded}"))
             continue
@@ -297,39 +315,63 @@ def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] |
 # --------------------------------------------------------------------------
 # Numbers: k-means
 # --------------------------------------------------------------------------
-def _cluster(weight: np.ndarray, axis: int | None, opts) -> _Encoded | str:
+def _cluster(weight: np.ndarray, axis: int | None, opts, hessian: np.ndarray | None = None) -> _Encoded | str:
     rng = np.random.default_rng(0)
     levels = 2 ** opts.bits
     per_channel = opts.scope == "channel" and axis is not None
     moved = np.moveaxis(weight, axis, 0) if per_channel else weight  # codes follow this order
+    gptq = hessian is not None and axis is not None and weight.ndim == 2
+    importance = None
+    if gptq:  # input energy of each weight's row of W[K, N], laid out like `moved`
+        energy = np.maximum(np.diagonal(hessian), 0) / max(float(np.mean(np.diagonal(hessian))), 1e-30)
+        importance = energy[None, :] if per_channel or axis == 0 else energy[:, None]
     if per_channel:
         rows = moved.reshape(moved.shape[0], -1).astype(np.float64)
         if rows.shape[1] < 4 * levels:
             return f"{rows.shape[1]} weights per channel are too few for {levels} shared values each"
-        books, codes = zip(*(_kmeans_1d(row, levels, opts, rng) for row in rows))
+        energy = None if importance is None else np.broadcast_to(importance, moved.shape).reshape(rows.shape)
+        books, codes = zip(*(_kmeans_1d(row, levels, opts, rng, None if energy is None else energy[c])
+                             for c, row in enumerate(rows)))
         codebook, codes = np.stack(books), np.stack(codes)
         scope = f"{rows.shape[0]} codebooks"
     else:
-        codebook, codes = _kmeans_1d(moved.reshape(-1).astype(np.float64), levels, opts, rng)
+        codebook, codes = _kmeans_1d(moved.reshape(-1).astype(np.float64), levels, opts, rng,
+                                     None if importance is None else np.broadcast_to(importance, moved.shape).reshape(-1))
         scope = "1 codebook"
+    assignment = ""
+    if gptq:
+        # [K, N] with the outputs as columns; each column reads its own codebook (or the shared one).
+        matrix = np.moveaxis(weight, axis, 0).T.astype(np.float64)
+        books = codebook if per_channel else np.broadcast_to(codebook, (matrix.shape[1], levels))
+        assigned = _gptq_assign(matrix, books, hessian)  # [K, N]
+        codes = assigned.T if per_channel else np.moveaxis(assigned.T, 0, axis).reshape(-1)
+        assignment = ", GPTQ assignment"
     error = np.sqrt(np.mean((np.take_along_axis(np.atleast_2d(codebook), np.atleast_2d(codes), axis=1).reshape(-1)
                              - moved.reshape(-1)) ** 2)) / (np.sqrt(np.mean(moved ** 2)) or 1.0)
-    about = (f"{opts.bits}-bit codes, {scope} of {levels}: {weight.size:,} weights in "
+    about = (f"{opts.bits}-bit codes, {scope} of {levels}{assignment}: {weight.size:,} weights in "
              f"{(weight.size * opts.bits + 7) // 8 + codebook.size * 4:,} bytes (of {weight.size * 4:,}); "
              f"relative RMS error {error:.4f}")
     return _Encoded(codes.astype(np.uint8), opts.bits, codebook, axis if per_channel else None, about)
 
 
-def _kmeans_1d(values: np.ndarray, levels: int, opts, rng) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted codebook [levels], codes [values.size]); exact zeros keep code 0 = 0.0 where they are many."""
+def _kmeans_1d(values: np.ndarray, levels: int, opts, rng,
+               importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted codebook [levels], codes [values.size]); exact zeros keep code 0 = 0.0 where they are many.
+
+    With `importance` (one per value) k-means minimizes the importance-weighted squared error: gptq
+    passes the layer input's energy per weight, so the values go where the outputs need them."""
     zeros = values == 0
     keep_zero = zeros.mean() >= _ZERO_SHARE
-    data = values[~zeros] if keep_zero else values
+    weights = np.ones_like(values) if importance is None else importance
+    data, weights = (values[~zeros], weights[~zeros]) if keep_zero else (values, weights)
     free = levels - 1 if keep_zero else levels
     if data.size == 0:
         return np.zeros(levels), np.zeros(values.size, np.int64)
-    sample = data if data.size <= _FIT_SAMPLE else rng.choice(data, _FIT_SAMPLE, replace=False)
-    sample = np.sort(sample)  # linear init reads the ends
+    if data.size > _FIT_SAMPLE:
+        picked = rng.choice(data.size, _FIT_SAMPLE, replace=False)
+        data, weights = data[picked], weights[picked]
+    by_value = np.argsort(data, kind="stable")
+    sample, weights = data[by_value], weights[by_value]  # linear init reads the ends
     unique = np.unique(sample)
     if unique.size <= free:
         centroids = unique
@@ -337,8 +379,8 @@ def _kmeans_1d(values: np.ndarray, levels: int, opts, rng) -> tuple[np.ndarray, 
         centroids = _initial(sample, free, opts.init, rng)
         for _ in range(opts.iterations):
             labels = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, sample)
-            sums = np.bincount(labels, weights=sample, minlength=free)
-            counts = np.bincount(labels, minlength=free)
+            sums = np.bincount(labels, weights=sample * weights, minlength=free)
+            counts = np.bincount(labels, weights=weights, minlength=free)
             updated = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)  # an empty one stays put
             updated = np.sort(updated)
             if np.allclose(updated, centroids, rtol=0, atol=1e-12):
@@ -353,6 +395,68 @@ def _kmeans_1d(values: np.ndarray, levels: int, opts, rng) -> tuple[np.ndarray, 
     if keep_zero:
         codes[zeros] = 0
     return codebook, codes
+
+
+def _gptq_assign(matrix: np.ndarray, books: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """Codes [K, N] of W[K, N] in codebooks books[N, levels], GPTQ-style (Frantar et al. 2022).
+
+    Rows (inputs) are taken in act-order; each column's weight goes to its nearest value, and the
+    row's error e = (w - q) / U[i, i] is spread over the rows left as w_j -= U[i, j] e, with U the
+    upper Cholesky factor of H^-1 (quantize_weights.hessian_factor), so the layer's outputs on the
+    calibration inputs, not its weights, stay close. Where a codebook keeps 0.0 for pruned weights
+    (its value 0), those weights stay 0 and their loss is compensated like any other."""
+    from .quantize_weights import hessian_factor
+
+    factor = hessian_factor(hessian)
+    upper, order = factor.upper, factor.order
+    w = np.array(matrix, np.float64)
+    w[factor.dead] = 0.0
+    pruned = (w == 0) & (books[:, 0] == 0)[None, :]
+    w, pruned = w[order], pruned[order]
+    k, n = w.shape
+    columns = np.arange(n)
+    codes = np.empty((k, n), np.int64)
+    for i in range(k):
+        code = np.argmin(np.abs(w[i][:, None] - books), axis=1)
+        code[pruned[i]] = 0
+        codes[i] = code
+        error = (w[i] - books[columns, code]) / upper[i, i]
+        w[i + 1:] -= np.outer(upper[i, i + 1:], error)
+    assigned = np.empty_like(codes)
+    assigned[order] = codes
+    return assigned
+
+
+def _input_hessians(model: onnx.ModelProto, opts, context: PassContext) -> dict[str, np.ndarray]:
+    """weight name -> sum x^T x of the one input that every reader multiplies it with (MatMul, or
+    Gemm without transA); weights read any other way keep the nearest-value assignment."""
+    tappable = main_graph_tensors(model)
+    weights = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            if name in weights:
+                readers.setdefault(name, []).append((node, position))
+    sizes: dict[str, int] = {}
+    wanted: dict[str, str] = {}
+    for name, uses in readers.items():
+        dense = all(node.op_type in ("MatMul", "Gemm") and position == 1 and not attribute(node, "transA", 0)
+                    for node, position in uses)
+        sources = {node.input[0] for node, _ in uses}
+        if not dense or len(sources) != 1 or len(weights[name].dims) != 2:
+            continue
+        (source,) = sources
+        if source not in tappable:
+            continue
+        node = uses[0][0]
+        size = weights[name].dims[1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0]
+        sizes[source] = size
+        wanted[name] = source
+    # prune's obs streams the same sums and leaves out the positions an attention_mask marks as padding.
+    from .prune import _input_grams
+
+    grams = _input_grams(model, None, sizes, opts.max_samples, context) if sizes else {}
+    return {name: grams[source][0][:-1, :-1] for name, source in wanted.items()}  # without the ones column
 
 
 def _initial(sorted_sample: np.ndarray, count: int, init: str, rng) -> np.ndarray:
