@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.activations import main_graph_tensors
-from onnxshrink.errors import OnnxShrinkError, UsageError
+from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.graph import all_names, attribute, constants_to_initializers, opset_version, unique_name
 from onnxshrink.options import PassOptions, option
 from onnxshrink.packing import pack_codes
@@ -51,7 +51,7 @@ class Cluster(Pass):
 
     @dataclass(frozen=True)
     class Options(PassOptions):
-        bits: int = option(4, "code width: 2^bits shared values per codebook", low=1, high=8)
+        bits: int = option(4, "code width: 2^bits shared values per codebook", low=2, high=8)
         scope: str = option("tensor", "one codebook per weight, or per output channel", choices=("tensor", "channel"))
         init: str = option("linear", "first centroids: evenly spaced over the range, or k-means++ draws",
                            choices=("linear", "kmeans++"))
@@ -64,11 +64,6 @@ class Cluster(Pass):
         # 1,024 weights at 4 bits save 3.5 kB.
         min_elements: int = option(1024, "smaller weights are left as they are", low=1)
         exclude: tuple[str, ...] = option((), "op types or node names whose weights are left as they are")
-
-        def __post_init__(self):
-            super().__post_init__()
-            if not 2 <= self.bits <= 8:
-                raise UsageError(f"bits={self.bits} is out of range: give 2..8 (e.g. cluster(bits=4))")
 
     def __init__(self, options: PassOptions | None = None, **values):
         super().__init__(options, **values)
@@ -288,10 +283,10 @@ def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] |
             if tensor in constants or not tensor:
                 continue
             return None  # computed from the model's inputs: not a decoder
-        if node not in decoder:
+        if all(node is not seen for seen in decoder):
             decoder.append(node)
             pending.extend(node.input)
-        if len(decoder) > 16:  # decoders have 13 nodes at most
+        if len(decoder) > 16:  # decoders have 14 nodes at most
             return None
     tables = [n.input[0] for n in decoder if n.op_type == "Gather" and "__codebook" in n.input[0]
               and n.input[0] in constants]
@@ -302,7 +297,7 @@ def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] |
     positions = numpy_helper.from_array(np.arange(int(np.prod(codebook.dims)), dtype=np.float32).reshape(
         tuple(codebook.dims)), codebook.name)
     inits = [positions] + [t for t in model.graph.initializer if t.name in used and t.name != codebook.name]
-    order = [n for n in model.graph.node if n in decoder]
+    order = [n for n in model.graph.node if any(n is d for d in decoder)]
     graph = helper.make_graph(order, "decoder", [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)],
                               inits)
     probe = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
