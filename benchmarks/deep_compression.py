@@ -1,4 +1,4 @@
-"""Deep Compression on ONNX: pruning, weight sharing (cluster, pq), low rank (svd, tucker) and
+"""Deep Compression on ONNX: pruning, weight sharing (cluster, pq), low rank (svd) and
 entropy coding (pack), each alone over a sweep of its knob and chained into full pipelines, on the
 four reference models, as size-vs-fidelity tables and a Pareto plot.
 
@@ -45,7 +45,7 @@ PLAN = {
         *[f"svd(ratio={r})" for r in (0.3, 0.5)],
         "quantize-weights(bits=4,method=gptq)",
         "prune(sparsity=0.9,method=obs),cluster(bits=4),reconstruct",
-        "prune(sparsity=0.9,method=obs,scope=global),cluster(bits=4),reconstruct",
+        "prune(sparsity=0.9,method=obs,scope=global),reconstruct,cluster(bits=4),reconstruct",
         "prune(sparsity=0.9,method=obs),reconstruct,cluster(bits=4)",
         "prune(sparsity=0.95,method=obs),cluster(bits=4),reconstruct",
     ],
@@ -53,21 +53,20 @@ PLAN = {
         "prune(sparsity=0.5,method=obs)",
         *[f"cluster(bits={b})" for b in (3, 4, 6)], "cluster(bits=4,scope=channel)",
         "pq(subvector=4,centroids=256)",
-        "svd(ratio=0.7,activation_aware=false)", "svd(ratio=0.7)", "svd(rank=auto,ratio=0.7)",
+        "cluster(bits=4,scope=channel,method=gptq)",
+        "svd(ratio=0.7,activation_aware=false)", "svd(ratio=0.7)",
         "quantize-weights(bits=4,method=gptq)",
         "prune(sparsity=0.5,method=obs),cluster(bits=4)",
     ],
     "yolov8n": [
         "prune(sparsity=0.5)",
         *[f"cluster(bits={b})" for b in (4, 6, 8)], "cluster(bits=6,scope=channel)",
-        *[f"tucker(ratio={r})" for r in (0.5, 0.7)],
         "prune(sparsity=0.5),cluster(bits=6)",
         "prune(pattern=channel,sparsity=0.3),reconstruct,cluster(bits=6,scope=channel)",
     ],
     "ppocr": [
         "prune(sparsity=0.5)",
         *[f"cluster(bits={b})" for b in (4, 6, 8)],
-        "tucker(ratio=0.7)",
         "prune(sparsity=0.5),cluster(bits=6)",
     ],
 }
