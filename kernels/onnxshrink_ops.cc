@@ -13,6 +13,8 @@
 #include "onnxruntime_lite_custom_op.h"
 
 #include "dequantize_packed/dequantize_packed.h"
+#include "lowbit_matmul/lowbit_matmul.h"
+#include "sparse_matmul/sparse_matmul.h"
 
 #if defined(_WIN32)
 #define ONNXSHRINK_EXPORT __declspec(dllexport)
@@ -58,6 +60,8 @@ ONNXSHRINK_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* o
     try {
       auto* reg = new Registry();
       reg->ops = onnxshrink::CreateDequantizePackedOps();
+      for (auto* op : onnxshrink::CreateSparseMatMulOps()) reg->ops.push_back(op);
+      for (auto* op : onnxshrink::CreateLowBitMatMulOps()) reg->ops.push_back(op);
       if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &reg->domain)) {
         g_init_error = st;
         return;
@@ -84,5 +88,9 @@ ONNXSHRINK_EXPORT const char* OnnxShrinkSelectedIsa(void) {
   onnxshrink::select_dequantize_rows(&name);
   return name;
 }
+
+// The same for SparseMatMul and LowBitMatMul, which need FMA besides AVX2.
+ONNXSHRINK_EXPORT const char* OnnxShrinkSparseMatMulIsa(void) { return onnxshrink::select_spmm_kernels().isa; }
+ONNXSHRINK_EXPORT const char* OnnxShrinkLowBitMatMulIsa(void) { return onnxshrink::select_lowbit_kernels().isa; }
 
 }  // extern "C"
