@@ -1,4 +1,4 @@
-"""Deep Compression on ONNX: pruning, weight sharing (cluster, pq), low rank (svd) and
+"""Deep Compression on ONNX: pruning, weight sharing (cluster, pq), low rank (svd, tucker) and
 entropy coding (pack), each alone over a sweep of its knob and chained into full pipelines, on the
 four reference models, as size-vs-fidelity tables and a Pareto plot.
 
@@ -61,6 +61,7 @@ PLAN = {
     "yolov8n": [
         "prune(sparsity=0.5)",
         *[f"cluster(bits={b})" for b in (4, 6, 8)], "cluster(bits=6,scope=channel)",
+        *[f"tucker(ratio={r})" for r in (0.7, 0.9)], "tucker(energy=0.98)",
         "prune(sparsity=0.5),cluster(bits=6)",
         "prune(pattern=channel,sparsity=0.3),reconstruct,cluster(bits=6,scope=channel)",
     ],
