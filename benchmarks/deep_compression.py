@@ -61,7 +61,8 @@ PLAN = {
     "yolov8n": [
         "prune(sparsity=0.5)",
         *[f"cluster(bits={b})" for b in (4, 6, 8)], "cluster(bits=6,scope=channel)",
-        *[f"tucker(ratio={r})" for r in (0.7, 0.9)], "tucker(energy=0.98)",
+        "tucker(ratio=0.7,activation_aware=false)", *[f"tucker(ratio={r})" for r in (0.7, 0.9)],
+        "tucker(energy=0.98)",
         "prune(sparsity=0.5),cluster(bits=6)",
         "prune(pattern=channel,sparsity=0.3),reconstruct,cluster(bits=6,scope=channel)",
     ],
@@ -125,6 +126,8 @@ def bench_model(key: str, args, workdir: Path) -> tuple[list[list[str]], list[di
     pack_file(model, workdir / f"{key}-fp32.onnxz")
     variants = [fp32]
     for index, label in enumerate(PLAN[key]):
+        if args.only not in label:
+            continue
         variant = bench.Variant(label)
         variant.problem = unavailable(label)
         if not variant.problem:
@@ -214,6 +217,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=list(PLAN), choices=list(PLAN))
     parser.add_argument("--runs", type=int, default=20, help="timed runs per variant (interleaved)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds one pipeline may take")
+    parser.add_argument("--only", default="", help="run only the pipelines whose text contains this")
     parser.add_argument("--png", type=Path, default=None, help="write the Pareto plot here")
     args = parser.parse_args()
     start = time.perf_counter()
