@@ -108,7 +108,7 @@ def lowbit_kernel(k: int, n: int, bits: int, rng, accuracy_level: int = 0) -> Ke
 def session(model, threads: int):
     import onnxruntime as ort
 
-    options = session_options(threads)
+    options = session_options(threads, spinning=threads == 1)
     options.register_custom_ops_library(ops.library_path())  # every session: the same options
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

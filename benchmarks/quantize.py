@@ -302,7 +302,8 @@ def measure_latency(variants: list[Variant], feed: dict, threads: int, runs: int
         if variant.path is None:
             continue
         try:
-            session = make_session(onnxshrink.load(variant.path), threads=threads)
+            # Several threads: no spinning, or each session's idle pool steals the core the next one runs on.
+            session = make_session(onnxshrink.load(variant.path), threads=threads, spinning=threads == 1)
             adapted = adapt_feeds([feed], session)[0]
             session.run(None, adapted)
         except Exception as exc:  # a model that loads for fidelity may still fail here; keep the others timed
@@ -436,7 +437,9 @@ def print_table(args, rows: list[list[str]], abouts: list[str], start: float) ->
     for about in abouts:
         print(f"- {about}")
     print(f"\nLatency: batch 1, ratio of medians over {args.runs} runs interleaved with fp32 and every variant of "
-          f"the model (< 1 is faster). Quantization: one fresh process each, {args.timeout:.0f} s at most; our time "
+          f"the model, in alternating order (< 1 is faster); at 2 threads every session has intra-op spinning off "
+          f"(with it, idle pools of the other sessions take the second core: fp32 ran slower at 2 threads than at 1). "
+          f"Quantization: one fresh process each, {args.timeout:.0f} s at most; our time "
           f"includes compress()'s check of the result (checker, a session, {CHECK_SAMPLES} runs of each model), the "
           f"passes' own time in brackets; peak RSS = "
           f"the process's high-water mark (VmHWM) minus its value after the imports. YOLOv8n F1: detections after "

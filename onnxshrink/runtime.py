@@ -21,11 +21,15 @@ ort.set_default_logger_severity(4)
 _INLINE_LIMIT = 2**31 - 2**26
 
 
-def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimization: str = "all", spinning: bool = True) -> ort.SessionOptions:
+    """`spinning=False` stops idle intra-op threads from busy-waiting: sessions timed in turn on a
+    machine with as many cores as threads otherwise steal each other's cores while they spin."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -55,11 +59,11 @@ def _itemsize(data_type: int) -> int:
 
 
 def make_session(model: onnx.ModelProto, threads: int | None = None, optimization: str = "all",
-                 model_bytes: bytes | None = None) -> ort.InferenceSession:
+                 model_bytes: bytes | None = None, spinning: bool = True) -> ort.InferenceSession:
     """An InferenceSession on the CPU; registers the onnxshrink op library when the model uses its ops.
 
     `model_bytes`, when the caller already holds serialized(model), saves serializing it again."""
-    options = session_options(threads, optimization)
+    options = session_options(threads, optimization, spinning)
     if any(entry.domain == DOMAIN for entry in model.opset_import):
         options.register_custom_ops_library(library_path())
     try:
@@ -104,11 +108,14 @@ def interleaved_latency(sessions: list[ort.InferenceSession], feed, repeats: int
         for _ in range(warmup):
             session.run(None, feed)
     times = [[] for _ in sessions]
+    order = list(range(len(sessions)))
     for done in range(1, repeats + 1):
-        for index, session in enumerate(sessions):
+        for index in order:  # reversed every round: no session always runs right after the same one
+            session = sessions[index]
             start = time.perf_counter()
             session.run(None, feeds[index])
             times[index].append(time.perf_counter() - start)
+        order.reverse()
         if settled is not None and min_repeats <= done < repeats and settled([float(np.median(t)) for t in times]):
             break
     return [float(np.median(t)) for t in times]
