@@ -54,7 +54,7 @@ PLAN = {
         *[f"cluster(bits={b})" for b in (3, 4, 6)], "cluster(bits=4,scope=channel)",
         "pq(subvector=4,centroids=256)",
         "cluster(bits=4,scope=channel,method=gptq)",
-        "svd(ratio=0.7,activation_aware=false)", "svd(ratio=0.7)",
+        "svd(ratio=0.7,activation_aware=false)", "svd(ratio=0.7)", "svd(rank=auto,ratio=0.7)",
         "quantize-weights(bits=4,method=gptq)",
         "prune(sparsity=0.5,method=obs),cluster(bits=4)",
     ],

@@ -10,6 +10,14 @@ calibration data instead of the error of W: with the input Gram H = X^T X = L L^
 SVD of L^T W = U S V^T gives W1 = L^-T U_r S_r and W2 = V_r^T, the best rank-r map for those
 inputs (directions the inputs never take cost nothing to drop). Energy is then measured on the
 output error too.
+
+`rank=auto` with `ratio=R` spends one budget, R times the parameters of all the layers it may
+factor, where it hurts least. Each layer's spectrum gives its own output error e(r) at every
+rank; how much that error moves the model's outputs is measured once per layer (its weight alone
+replaced by its rank at ratio R, the drift 1 - cosine of the outputs on calibration samples, run
+over the layer's downstream region only), giving a sensitivity s = drift / e. The ranks then
+minimize the summed s e(r) within the budget (a Lagrange multiplier searched by bisection, each
+layer choosing its best rank, or none, for it).
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ class LowRank(Pass):
 
     @dataclass(frozen=True)
     class Options(PassOptions):
-        rank: int = option(0, "fixed rank (0: use energy or ratio)", low=0)
+        rank: str = option("", "a fixed rank, or auto: with ratio=, one parameter budget for all the layers, "
+                               "spent by measured sensitivity (empty: use energy or ratio)")
         energy: float = option(0.0, "keep this fraction of the squared singular values (0: use rank or ratio)",
                                low=0, high=1)
         ratio: float = option(0.0, "factors hold at most this fraction of each weight's parameters "
@@ -53,9 +62,23 @@ class LowRank(Pass):
 
         def __post_init__(self):
             super().__post_init__()
+            if self.auto:
+                if not self.ratio or self.energy:
+                    raise UsageError("rank=auto spends a budget: give it with ratio= alone (e.g. svd(rank=auto,ratio=0.5))")
+                return
+            if self.rank and (not self.rank.isdigit() or int(self.rank) < 1):
+                raise UsageError(f"option 'rank' takes a positive integer or auto, got '{self.rank}'")
             given = [name for name in ("rank", "energy", "ratio") if getattr(self, name)]
             if len(given) != 1:
                 raise UsageError("give exactly one of rank=, energy= or ratio= (e.g. svd(energy=0.95))")
+
+        @property
+        def auto(self) -> bool:
+            return self.rank.lower() == "auto"
+
+        @property
+        def fixed_rank(self) -> int:
+            return 0 if self.auto or not self.rank else int(self.rank)
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
         opts = self.options
@@ -70,15 +93,21 @@ class LowRank(Pass):
                 raise OnnxShrinkError("svd(activation_aware=true) needs calibration data (--calib); "
                                       "or give activation_aware=false")
             grams = _input_grams(model, layers, weights, context, opts.max_samples, notes)
+        spectra = [_Spectrum.of(matrix, grams.get(node.input[0]), opts.damping) for node, matrix in layers]
+        if opts.auto:
+            ranks = _auto_ranks(model, layers, spectra, context, opts, notes)
+        else:
+            ranks = [_rank(spectrum, opts) for spectrum in spectra]
         taken = all_names(model)
         replaced = {}
-        for node, matrix in layers:
+        for (node, matrix), spectrum, r in zip(layers, spectra, ranks):
             where = node.name or node.output[0]
-            factors = _factor(matrix, grams.get(node.input[0]), opts)
-            if factors is None:
-                notes.append(Note(where, f"left as is: no rank of {matrix.shape} saves {opts.min_saving:.0%}"))
+            if r is None:
+                why = "the budget is spent better elsewhere" if opts.auto else f"no rank of {matrix.shape} saves " \
+                                                                                f"{opts.min_saving:.0%}"
+                notes.append(Note(where, f"left as is: {why}"))
                 continue
-            left, right, kept = factors
+            left, right, kept = spectrum.factors(r)
             replaced[id(node)] = _factored_nodes(node, left, right, model.graph, taken)
             k, n = matrix.shape
             notes.append(Note(where, f"rank {left.shape[1]} of {min(k, n)}: {left.size + right.size:,} of {k * n:,} "
@@ -149,34 +178,120 @@ def _input_grams(model, layers, weights, context, max_samples, notes) -> dict[st
     return {name: gram.total() for name, gram in grams.items()}
 
 
-def _factor(matrix: np.ndarray, gram: np.ndarray | None, opts) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """(W1 [K, r], W2 [r, N], energy kept) or None where no allowed rank saves enough."""
-    k, n = matrix.shape
-    most = int((1 - opts.min_saving) * k * n // (k + n))  # the largest rank that still saves enough
-    if most < 1:
-        return None
-    if gram is not None:
-        damped = gram + opts.damping * np.mean(np.diag(gram)) * np.eye(k) + 1e-12 * np.eye(k)
-        lower = scipy.linalg.cholesky(damped, lower=True)  # H = L L^T
-        u, s, vt = np.linalg.svd(lower.T @ matrix, full_matrices=False)
-    else:
-        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
-    energy = np.cumsum(s ** 2) / max(np.sum(s ** 2), 1e-300)
-    if opts.rank:
-        r = opts.rank
+@dataclass
+class _Spectrum:
+    """A weight's (activation-aware) SVD: rank r keeps energy[r - 1] of the (output) energy."""
+
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+    lower: np.ndarray | None  # L of the damped input Gram, None for plain SVD
+    k: int
+    n: int
+    min_saving: float = 0.1
+
+    @classmethod
+    def of(cls, matrix: np.ndarray, gram: np.ndarray | None, damping: float) -> "_Spectrum":
+        k, n = matrix.shape
+        lower = None
+        if gram is not None:
+            damped = gram + damping * np.mean(np.diag(gram)) * np.eye(k) + 1e-12 * np.eye(k)
+            lower = scipy.linalg.cholesky(damped, lower=True)  # H = L L^T
+            u, s, vt = np.linalg.svd(lower.T @ matrix, full_matrices=False)
+        else:
+            u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+        return cls(u, s, vt, lower, k, n)
+
+    @property
+    def energy(self) -> np.ndarray:
+        return np.cumsum(self.s ** 2) / max(float(np.sum(self.s ** 2)), 1e-300)
+
+    def most(self, min_saving: float) -> int:
+        """The largest rank that still saves `min_saving` of the layer."""
+        return min(int((1 - min_saving) * self.k * self.n // (self.k + self.n)), min(self.k, self.n))
+
+    def factors(self, r: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(W1 [K, r], W2 [r, N], energy kept)."""
+        left = self.u[:, :r] * self.s[:r]
+        if self.lower is not None:
+            left = scipy.linalg.solve_triangular(self.lower.T, left, lower=False)  # L^-T U_r S_r
+        return left.astype(np.float32), self.vt[:r].astype(np.float32), float(self.energy[r - 1])
+
+
+def _rank(spectrum: _Spectrum, opts) -> int | None:
+    """The rank `rank=`, `energy=` or `ratio=` asks for, or None where no allowed rank saves enough."""
+    k, n = spectrum.k, spectrum.n
+    most = spectrum.most(opts.min_saving)
+    if opts.fixed_rank:
+        r = opts.fixed_rank
+        if r > min(k, n):
+            raise UsageError(f"svd: rank={r} is larger than min(K, N) = {min(k, n)} of a {k}x{n} weight")
     elif opts.energy:
-        r = int(np.searchsorted(energy, opts.energy - 1e-12) + 1)
+        r = int(np.searchsorted(spectrum.energy, opts.energy - 1e-12) + 1)
     else:
         r = int(opts.ratio * k * n // (k + n))
-    if r > min(k, n) and opts.rank:
-        raise UsageError(f"svd: rank={r} is larger than min(K, N) = {min(k, n)} of a {k}x{n} weight")
     r = min(r, min(k, n))
-    if r < 1 or r > most:
-        return None
-    left = u[:, :r] * s[:r]
-    if gram is not None:
-        left = scipy.linalg.solve_triangular(lower.T, left, lower=False)  # L^-T U_r S_r
-    return left.astype(np.float32), vt[:r].astype(np.float32), float(energy[r - 1])
+    return r if 1 <= r <= most else None
+
+
+@dataclass(frozen=True)
+class _Weight:
+    weight: str  # what sensitivity.Downstream needs of a layer: its weight's name
+
+
+def _auto_ranks(model, layers, spectra, context, opts, notes) -> list[int | None]:
+    """Per-layer ranks (None: left as is) that hold `ratio` of all the layers' parameters together
+    with the least predicted drift: sensitivity (measured drift per unit of the layer's own
+    output error, at its uniform-budget rank) times that error, summed."""
+    from .sensitivity import Downstream
+
+    if context.data is None:
+        raise OnnxShrinkError("svd(rank=auto) measures each layer's effect on the outputs: it needs calibration "
+                              "data (--calib)")
+    feeds = list(islice(iter(context.data), min(opts.max_samples, 8)))
+    downstream = Downstream(model, [_Weight(node.input[1]) for node, _ in layers], feeds, threads=None)
+    sensitivity = []
+    for (node, matrix), spectrum in zip(layers, spectra):
+        probe = min(max(1, int(opts.ratio * spectrum.k * spectrum.n // (spectrum.k + spectrum.n))),
+                    spectrum.most(opts.min_saving))
+        if probe < 1:
+            sensitivity.append(0.0)
+            continue
+        left, right, _ = spectrum.factors(probe)
+        dense = (left.astype(np.float64) @ right).astype(np.float32)
+        stored = dense.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else dense
+        (drift,) = downstream.measure(_Weight(node.input[1]), [np.ascontiguousarray(stored)])
+        sensitivity.append(drift / max(1.0 - spectrum.energy[probe - 1], 1e-12))
+
+    # Each layer's choices: rank r (cost r (K + N), predicted drift s (1 - energy(r))) or unfactored.
+    choices = []
+    for spectrum, weight in zip(spectra, sensitivity):
+        ranks = np.arange(1, spectrum.most(opts.min_saving) + 1)
+        costs = np.append(ranks * (spectrum.k + spectrum.n), spectrum.k * spectrum.n).astype(np.float64)
+        drifts = np.append(weight * (1.0 - spectrum.energy[ranks - 1]), 0.0)
+        choices.append((np.append(ranks, 0), costs, drifts))
+    budget = opts.ratio * sum(s.k * s.n for s in spectra)
+
+    def pick(price: float) -> tuple[list[int], float]:
+        picked = [int(np.argmin(drifts + price * costs)) for _, costs, drifts in choices]
+        return picked, sum(float(c[1][i]) for c, i in zip(choices, picked))
+
+    low, high = 0.0, 1.0
+    while pick(high)[1] > budget and high < 1e12:
+        high *= 4
+    for _ in range(60):  # bisection on the price of a parameter
+        middle = (low + high) / 2
+        low, high = (middle, high) if pick(middle)[1] > budget else (low, middle)
+    picked, cost = pick(high)
+    ranks = [int(c[0][i]) or None for c, i in zip(choices, picked)]
+    total = sum(s.k * s.n for s in spectra)
+    notes.append(Note("(graph)", f"rank=auto: {cost:,.0f} of {total:,} parameters ({cost / total:.1%}; budget "
+                                 f"{opts.ratio:.0%}), sensitivities measured on {len(feeds)} samples"))
+    for (node, _), weight, r in zip(layers, sensitivity, ranks):
+        notes.append(Note(node.name or node.output[0], f"rank=auto: sensitivity {weight:.3g} (drift per unit of "
+                                                       f"the layer's output error) -> "
+                                                       f"{'rank ' + str(r) if r else 'left as is'}"))
+    return ranks
 
 
 def _factored_nodes(node, left, right, graph, taken) -> list[onnx.NodeProto]:

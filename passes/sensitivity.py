@@ -203,7 +203,7 @@ def layer_sensitivity(model, data, sparsities=DEFAULT_SPARSITIES, method: str = 
         prune_one.hessians = _hessians(model, obs_layers, max_samples, context, notes_obs)
         notes += [f"{n.where}: {n.message}" for n in notes_obs]
 
-    downstream = _Downstream(model, layers, feeds, threads)
+    downstream = Downstream(model, layers, feeds, threads)
     rows = []
     for layer in progress(layers, desc="sensitivity", unit="layer"):
         drifts = downstream.measure(layer, [prune_one(layer, s) for s in sparsities])
@@ -248,7 +248,7 @@ class _PruneOne:
         return numpy_helper.to_array(scratch[layer.weight])
 
 
-class _Downstream:
+class Downstream:
     """Runs, for one layer, only the nodes its weight can change.
 
     One reference run taps every tensor that flows into some layer's downstream region from outside

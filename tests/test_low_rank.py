@@ -77,10 +77,47 @@ def test_no_saving_means_no_change():
     ("svd(rank=4,energy=0.9)", "exactly one"),
     ("svd", "exactly one"),
     ("svd(energy=1.5)", "energy"),
+    ("svd(rank=auto)", "ratio="),
+    ("svd(rank=auto,energy=0.9)", "ratio="),
+    ("svd(rank=many)", "positive integer or auto"),
 ])
 def test_bad_options_are_refused(spec, fragment):
     with pytest.raises(onnxshrink.UsageError, match=fragment):
         onnxshrink.parse_pipeline(spec)
+
+
+def two_branches(quiet: float) -> onnx.ModelProto:
+    """y = x W_a + quiet * (x W_b): two equal 64 x 64 layers, one of which barely reaches the output."""
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), name) for name in "ab"]
+    inits.append(numpy_helper.from_array(np.float32(quiet), "quiet"))
+    nodes = [helper.make_node("MatMul", ["x", "a"], ["ya"], name="loud"),
+             helper.make_node("MatMul", ["x", "b"], ["yb"], name="soft"),
+             helper.make_node("Mul", ["yb", "quiet"], ["ys"]), helper.make_node("Add", ["ya", "ys"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_auto_rank_spends_the_budget_where_the_outputs_feel_it():
+    model, calibration = two_branches(quiet=1e-3), [{"x": inputs(64, rows=64, seed=s)} for s in range(4)]
+    test = {"x": inputs(64, rows=64, seed=9)}
+    reference = run(model, test)[0]
+    results = {spec: onnxshrink.compress(model, spec, calibration=calibration)
+               for spec in ("svd(ratio=0.4)", "svd(rank=auto,ratio=0.4)")}
+    params = {}
+    for spec, result in results.items():
+        inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+        params[spec] = sum(v.size for name, v in inits.items() if name != "quiet")
+        result.error = np.linalg.norm(run(result.model, test)[0] - reference) / np.linalg.norm(reference)
+    auto = results["svd(rank=auto,ratio=0.4)"]
+    assert params["svd(rank=auto,ratio=0.4)"] <= 0.4 * 2 * 64 * 64
+    shapes = {t.name: list(t.dims) for t in auto.model.graph.initializer}
+    loud_rank = shapes["loud_svd_w1"][1]
+    soft_rank = shapes["soft_svd_w1"][1] if "soft_svd_w1" in shapes else 64  # left as is: full rank
+    assert loud_rank > soft_rank, (loud_rank, soft_rank)
+    assert auto.error < 0.5 * results["svd(ratio=0.4)"].error, (auto.error, results["svd(ratio=0.4)"].error)
+    assert any("rank=auto" in note.message for note in auto.report.passes[0].notes)
 
 
 def test_rank_larger_than_the_weight_is_refused():
