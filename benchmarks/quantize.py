@@ -71,8 +71,9 @@ AIDS = ["quantize-int8(bias_correction=false)", "quantize-int8(equalize=true)", 
 # (model -> rows): a name in PEERS is the peer, anything else an onnxshrink pipeline.
 PLAN = {
     "digits": ["ORT static s8", "ORT dynamic", *STATIC_INT8, *AIDS, *WEIGHT_ONLY],
-    "yolov8n": ["ORT static s8", "ORT static u8", *STATIC_INT8, AIDS[0]],  # no Relu-joined pairs to equalize
-    "ppocr": ["ORT static s8", "ORT static u8", *STATIC_INT8, *AIDS],
+    "yolov8n": ["ORT static s8", "ORT static u8", *STATIC_INT8, AIDS[0],  # no Relu-joined pairs to equalize
+                "quantize-int8(keep_float=1)"],
+    "ppocr": ["ORT static s8", "ORT static u8", *STATIC_INT8, *AIDS, "quantize-int8(keep_float=2)"],
     "minilm": ["ORT static s8", "ORT dynamic", "ORT MatMulNBits 4-bit", *STATIC_INT8, AIDS[0],
                "quantize-int8(smooth=0.5)", *WEIGHT_ONLY],
 }

@@ -356,3 +356,17 @@ def test_softmax_over_masked_scores_stays_float():
     assert any(n.where == "softmax" and "left float" in n.message for n in result.report.passes[0].notes)
     for feed in feeds[:4]:
         assert cosine(run(model, feed)[0], run(result.model, feed)[0]) > 0.99
+
+
+def test_keep_float_measures_and_reports_what_it_leaves_float():
+    model, feeds = conv_model(), conv_feeds(8)
+    plain = quantize(model, feeds, "quantize-int8(speed_check=false)")
+    searched = quantize(model, feeds, "quantize-int8(speed_check=false,keep_float=1)")
+    record = searched.report.passes[0]
+    assert record.status == "applied"
+    summary = [n.message for n in record.notes if n.message.startswith("sensitivity:")]
+    assert len(summary) == 1 and "trial sessions" in summary[0], record.notes
+    pairs = [sum(n.op_type == "QuantizeLinear" for n in m.graph.node) for m in (plain.model, searched.model)]
+    left = [n for n in record.notes if n.message.startswith("left float: quantizing it")]
+    assert pairs[1] == pairs[0] - len(left)
+    onnx.checker.check_model(searched.model, full_check=True)
