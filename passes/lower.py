@@ -7,8 +7,10 @@ W[K, N] (the B input; Gemm with transA=0, alpha=1, transB either way):
 * pruned weights (exact zeros): ai.onnxshrink::SparseMatMul, in the format the zero pattern
   suits: `2:4` when every group of 4 consecutive k has at most 2 nonzeros, `blocked` when the
   nonzeros sit in block_k x block_n tiles (few explicit zeros stored), else `csr`;
-* clustered weights (at most 256 distinct values): ai.onnxshrink::LowBitMatMul in codebook mode,
-  codes of the fewest bits in {2, 3, 4, 8} that index every value;
+* clustered weights (at most 256 distinct values, or per column): ai.onnxshrink::LowBitMatMul in
+  codebook mode, codes of the fewest bits in {2, 3, 4, 8} that index every value, one table or one
+  per column; the weights `cluster` stores as codes plus a decoder are read through the decoder
+  (which then goes with the layer);
 * weight-quantized layers as quantize-weights writes them (com.microsoft::MatMulNBits,
   DequantizeLinear with block_size, ai.onnxshrink::DequantizePacked in front of the MatMul/Gemm):
   ai.onnxshrink::LowBitMatMul with the same codes, scales and zero points.
@@ -41,6 +43,7 @@ from onnxshrink.options import PassOptions, option
 from onnxshrink.packing import pack_codes, unpack_codes
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.passes.quantize_weights import Quantized, nbits_runs
+from onnxshrink.passes.weight_sharing import decoder_of, shared_weight
 from onnxshrink.registry import register_pass
 from onnxshrink.runtime import make_session
 
@@ -147,14 +150,29 @@ def lowbit_codes(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
 
 
 def codebook_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """(codes[K, N] uint8, table f32 [2**bits], bits) when W has at most 256 distinct values, else None."""
-    table, inverse = np.unique(np.asarray(w, np.float32), return_inverse=True)
-    if table.size > 256:
+    """(codes[K, N] uint8, table, bits) when W has at most 256 distinct values (table f32 [2**bits]),
+    or else at most 256 per column (a table per column, [N, 2**bits], as `cluster(scope=channel)`
+    leaves); None otherwise."""
+    w = np.asarray(w, np.float32)
+    table, inverse = np.unique(w, return_inverse=True)
+    if table.size <= 256:
+        bits = next(b for b in LOWBIT_WIDTHS if table.size <= 1 << b)
+        full = np.zeros(1 << bits, np.float32)
+        full[:table.size] = table
+        return inverse.reshape(w.shape).astype(np.uint8), full, bits
+    columns = [np.unique(column) for column in w.T]
+    widest = max(len(c) for c in columns)
+    if widest > 256:
         return None
-    bits = next(b for b in LOWBIT_WIDTHS if table.size <= 1 << b)
-    full = np.zeros(1 << bits, np.float32)
-    full[:table.size] = table
-    return inverse.reshape(w.shape).astype(np.uint8), full, bits
+    bits = next(b for b in LOWBIT_WIDTHS if widest <= 1 << b)
+    if w.shape[0] * bits / 8 + (1 << bits) * 4 > 2 * w.shape[0]:  # a column's codes and table: half its floats
+        return None  # (any column of K <= 256 has <= 256 values: that alone says nothing about clustering)
+    tables = np.zeros((w.shape[1], 1 << bits), np.float32)
+    codes = np.empty(w.shape, np.uint8)
+    for n, values in enumerate(columns):
+        tables[n, :len(values)] = values
+        codes[:, n] = np.searchsorted(values, w[:, n])
+    return codes, tables, bits
 
 
 # --------------------------------------------------------------------- cost model
@@ -374,8 +392,10 @@ def _dense_candidates(w: np.ndarray, m: int, min_sparsity: float) -> list:
         book = codebook_of(w)
         if book is not None:
             bits = book[2]
-            out.append((f"LowBitMatMul codebook {bits}-bit ({np.unique(w).size} values)",
-                        predicted_ns("lowbit", m, k, n, bits=bits, block=k if k % 16 == 0 else 16 * -(-k // 16)),
+            tables = "a table per column" if book[1].ndim == 2 else f"{np.unique(w).size} values"
+            out.append((f"LowBitMatMul codebook {bits}-bit ({tables})",
+                        predicted_ns("lowbit", m, k, n, bits=bits, block=k if k % 16 == 0 else 16 * -(-k // 16),
+                                     accuracy_level=0),  # codebook mode: float32 activations
                         lambda r, lay, book=book: r.codebook(lay, *book)))
     return out
 
@@ -408,12 +428,20 @@ def _find_layers(model: onnx.ModelProto, opts, notes: list[Note]) -> list[_Layer
             return None
         return numpy_helper.to_array(tensor)
 
+    def clustered(name: str) -> tuple[np.ndarray, list] | None:
+        """(W as the node reads it, its decoder's nodes) where `cluster` rebuilds weight `name`."""
+        found = decoder_of(model, name)
+        if found is None or name in overridable:
+            return None
+        table, positions = shared_weight(model, name)
+        return numpy_helper.to_array(inits[table]).reshape(-1)[positions].astype(np.float32), found[0]
+
     layers = []
     for node in graph.node:
         if node.op_type in opts.exclude or node.name in opts.exclude:
             continue
         try:
-            layer = _layer_of(node, constant, producers, readers, notes)
+            layer = _layer_of(node, constant, producers, readers, notes, clustered)
         except _Skip as skip:
             notes.append(Note(_where(node), f"kept: {skip}"))
             continue
@@ -430,7 +458,7 @@ class _Skip(Exception):
     """A MatMul/Gemm this pass cannot rewrite; the message says why."""
 
 
-def _layer_of(node, constant, producers, readers, notes) -> _Layer | None:
+def _layer_of(node, constant, producers, readers, notes, clustered) -> _Layer | None:
     if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits":
         return _nbits_layer(node, constant)
     if node.domain not in _DEFAULT_DOMAINS or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
@@ -460,6 +488,15 @@ def _layer_of(node, constant, producers, readers, notes) -> _Layer | None:
     producer = producers.get(name)
     if producer is None:
         return None  # computed weight or graph input
+    rebuilt = clustered(name)
+    if rebuilt is not None:  # onnxruntime folds the decoder at load: the layer runs as a dense MatMul
+        w, decoder = rebuilt
+        inside = [name for step in (*decoder, node) for name in step.input]
+        if any(readers.get(out, 0) != inside.count(out) for step in decoder for out in step.output):
+            raise _Skip("the clustered weight or part of its decoder is also read elsewhere")
+        w = w.T if transposed else w
+        return _Layer(node, w.shape[0], w.shape[1], bias, "dense", weight=np.ascontiguousarray(w),
+                      removed=tuple(decoder))
     if producer.op_type == "Transpose" and not transposed and list(attribute(producer, "perm", [1, 0])) == [1, 0]:
         inner = producers.get(producer.input[0])
         if inner is not None and inner.op_type == "DequantizePacked" and inner.domain == ops.DOMAIN:

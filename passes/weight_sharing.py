@@ -267,12 +267,9 @@ class _Encoded:
                     "codes_int")
 
 
-def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] | None:
-    """For a weight that `cluster` rebuilds: (its codebook initializer, the codebook position of every
-    entry, shaped like the weight); None for any other tensor. `reconstruct` refits codebooks with it.
-
-    The positions come from running the weight's decoder with the codebook replaced by 0, 1, 2, ...:
-    whatever layout the codes were stored in, each entry then reads its own position."""
+def decoder_of(model: onnx.ModelProto, name: str) -> tuple[list[onnx.NodeProto], onnx.TensorProto] | None:
+    """The nodes that rebuild weight `name` from `cluster`'s codes (graph order) and its codebook;
+    None for any other tensor."""
     producers = {out: node for node in model.graph.node for out in node.output}
     constants = {t.name: t for t in model.graph.initializer}
     decoder, pending = [], [name]
@@ -292,13 +289,25 @@ def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] |
               and n.input[0] in constants]
     if len(tables) != 1:
         return None
-    codebook = constants[tables[0]]
+    order = [n for n in model.graph.node if any(n is d for d in decoder)]
+    return order, constants[tables[0]]
+
+
+def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] | None:
+    """For a weight that `cluster` rebuilds: (its codebook initializer, the codebook position of every
+    entry, shaped like the weight); None for any other tensor. `reconstruct` refits codebooks with it.
+
+    The positions come from running the weight's decoder with the codebook replaced by 0, 1, 2, ...:
+    whatever layout the codes were stored in, each entry then reads its own position."""
+    found = decoder_of(model, name)
+    if found is None:
+        return None
+    decoder, codebook = found
     used = {i for n in decoder for i in n.input}
     positions = numpy_helper.from_array(np.arange(int(np.prod(codebook.dims)), dtype=np.float32).reshape(
         tuple(codebook.dims)), codebook.name)
     inits = [positions] + [t for t in model.graph.initializer if t.name in used and t.name != codebook.name]
-    order = [n for n in model.graph.node if any(n is d for d in decoder)]
-    graph = helper.make_graph(order, "decoder", [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)],
+    graph = helper.make_graph(decoder, "decoder", [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)],
                               inits)
     probe = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     from onnxshrink.runtime import make_session

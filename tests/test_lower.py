@@ -218,3 +218,23 @@ def test_minilm_pruned_and_lowered_keeps_its_outputs(minilm_path):
     got, want = sessions[1].run(None, feed), sessions[0].run(None, feed)
     for a, b in zip(got, want):
         assert_close(a, b)
+
+
+@needs_lib
+@pytest.mark.parametrize("scope", ["tensor", "channel"])
+def test_clustered_weights_behind_their_decoder_become_codebook_lowbit(scope):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="layer")]
+    graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", N])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    clustered = onnxshrink.compress(model, f"cluster(bits=4,scope={scope})", samples=2).model
+    lowered = onnxshrink.compress(clustered, "lower(min_gain=0)", samples=2)
+    ops_left = [n.op_type for n in lowered.model.graph.node]
+    assert ops_left == ["LowBitMatMul"], (ops_left, [n.message for p in lowered.report.passes for n in p.notes])
+    table = next(t for t in lowered.model.graph.initializer if t.name.endswith("_codebook"))
+    assert list(table.dims) == ([16] if scope == "tensor" else [N, 16])
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    assert_close(outputs(lowered.model, x), outputs(clustered, x))
