@@ -184,6 +184,7 @@ class KernelCost:
     and computing. `work` is what the kernel's time grows with (see predicted_ns)."""
 
     work_per_ns: float
+    bytes_per_ns: float = 0.0  # the rate it streams its weights at where measured apart; 0: BYTES_PER_NS
 
 
 BYTES_PER_NS = 12.0  # DRAM read bandwidth of one core (12 GB/s measured, numpy sum of 512 MB)
@@ -198,9 +199,14 @@ KERNEL_COSTS = {
     "blocked": KernelCost(24.0),        # stored values x rows per ns (dense tiles: no gather)
     "lowbit-gemv": KernelCost(9.5),     # weights x ceil(rows / 4) per ns (decoding bound, any width), M < 12
     "lowbit-gemm": KernelCost(27.0),    # multiply-adds per ns, dequantization included
-    "lowbit-int8": KernelCost(13.0),    # accuracy_level 4, M < 12: weights x ceil(rows / 4) per ns
+    # accuracy_level 4, M < 12: weights x rows per ns (4096 x 4096: 44-54, 768 x 3072: 38-42, at
+    # M = 2, 4, 8, 11 in interleaved runs beside MatMulNBits); at M = 1 it streams its weights at
+    # 16-18 GB/s (software prefetch; kernels.py: 0.57-0.61 ms at 4-bit 4096 x 4096).
+    "lowbit-int8": KernelCost(40.0, bytes_per_ns=16.0),
     "dequantize": KernelCost(3.0),      # weights per ns: DequantizePacked, MatMulNBits at accuracy 0
-    "nbits-int8": KernelCost(17.0),     # MatMulNBits accuracy_level 4, M <= 4: weights x rows per ns
+    # MatMulNBits accuracy_level 4 (onnxruntime 1.32), M <= 4: weights x rows per ns (34-40 at
+    # M = 2 and 4, the same runs); at M = 1 it streams its weights at 12-14 GB/s (0.74-0.86 ms).
+    "nbits-int8": KernelCost(36.0, bytes_per_ns=13.0),
 }
 
 
@@ -209,7 +215,17 @@ TILE_L2_K = 2048  # up to this K the csr tile kernel's transposed A tile (K x 16
 
 
 def _time(kind: str, bytes_read: float, work: float) -> float:
-    return max(bytes_read / BYTES_PER_NS, work / KERNEL_COSTS[kind].work_per_ns)
+    cost = KERNEL_COSTS[kind]
+    return max(bytes_read / (cost.bytes_per_ns or BYTES_PER_NS), work / cost.work_per_ns)
+
+
+def int8_kernel_takes(bits: int, block: int) -> bool:
+    """Whether LowBitMatMul's AVX2 int8 kernel (accuracy_level 4) takes this width and block, as
+    lowbit_int8_takes_avx2 says: blocks of a multiple of 32 up to 512 that a 32-byte load of codes
+    (128 codes at 2 bits, 64 at 4, 32 otherwise) divides or is divided by. Others run a portable
+    loop, slower than the float32 kernel."""
+    span = {2: 128, 4: 64}.get(bits, 32)
+    return block % 32 == 0 and block <= 512 and (block % span == 0 or span % block == 0)
 
 
 def predicted_ns(kind: str, m: int, k: int, n: int, *, nnz: int = 0, stored: int = 0, bits: int = 0,
@@ -235,8 +251,9 @@ def predicted_ns(kind: str, m: int, k: int, n: int, *, nnz: int = 0, stored: int
     code_bytes = weights * (bits / 8 + (4 + zero_points) / block)
     if kind == "lowbit":
         if m < 12:
-            gemv = "lowbit-int8" if accuracy_level == 4 else "lowbit-gemv"
-            return OP_OVERHEAD_NS + _time(gemv, code_bytes, -(-m // 4) * weights)
+            if accuracy_level == 4:  # its time grows with every row (an int8 dot product each)
+                return OP_OVERHEAD_NS + _time("lowbit-int8", code_bytes, m * weights)
+            return OP_OVERHEAD_NS + _time("lowbit-gemv", code_bytes, -(-m // 4) * weights)
         return OP_OVERHEAD_NS + _time("lowbit-gemm", code_bytes, m * weights)
     if kind == "nbits":
         if accuracy_level < 2:
@@ -337,8 +354,10 @@ class Lower(Pass):
             current = predicted_ns({"nbits": "nbits", "dql": "dense", "library": "dequantize-dense"}[layer.form], m, k, n,
                                    bits=q.bits, block=q.block, zero_points=q.zero_points is not None,
                                    accuracy_level=layer.accuracy_level)
-            # MatMulNBits' int8 activations (accuracy_level 4) carry over: the same numerics.
-            level = 4 if layer.form == "nbits" and layer.accuracy_level == 4 and q.block <= 512 else 0
+            # MatMulNBits' int8 activations (accuracy_level 4) carry over: the same numerics; where
+            # our int8 kernel does not take the block, float32 activations (faster, more accurate).
+            int8 = layer.form == "nbits" and layer.accuracy_level == 4 and int8_kernel_takes(q.bits, q.block)
+            level = 4 if int8 else 0
             cost = predicted_ns("lowbit", m, k, n, bits=q.bits, block=q.block, zero_points=q.zero_points is not None,
                                 accuracy_level=level)
             label = f"LowBitMatMul {q.bits}-bit block {q.block}" + (" int8 activations" if level else "")

@@ -135,6 +135,11 @@ CASES = [(bits, shape, mode) for bits in (2, 3, 4, 8) for shape in SHAPES for mo
 
 
 INT8_SHAPES = [(37, 29, (1,), 32), (64, 48, (3,), 32), (300, 257, (2, 2), 64), (768, 100, (5,), 128), (130, 19, (1, 4), 16)]
+# The AVX2 int8 kernel works in groups of 8 blocks: whole groups plus a partial one, blocks that
+# share a 32-byte load of codes (2-bit 32 and 64, 4-bit 32) or span several (64..256), a block it
+# leaves to the portable kernel (96 at 2 and 4 bits), K not a multiple of the block.
+INT8_SHAPES += [(1100, 37, (1,), 32), (777, 19, (11,), 32), (640, 23, (2,), 64), (1100, 9, (5,), 128),
+                (2100, 7, (3,), 256), (500, 13, (7,), 96)]
 
 
 def _check_cases():
@@ -208,6 +213,19 @@ def test_op_matches_reference(bits, mode):
 @needs_lib
 def test_int8_activations_match_their_reference():
     _check_int8_cases()
+
+
+@needs_lib
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int8_activations_every_row_count(bits):
+    """M = 1..11: the int8 kernel takes rows 4 at a time, then 3, 2 or 1."""
+    model, a, _ = lowbit_case(600, 21, (11,), bits, 32, "linear")
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    session = ops.session(with_accuracy_level(model, 4))
+    for m in range(1, 12):
+        want = int8_reference(a[:m], inits["codes"], inits["scales"], None, bits, 32, 600, inits["bias"])
+        (y,) = session.run(None, {"A": a[:m]})
+        assert_close(y, want, f"bits={bits} M={m}")
 
 
 @needs_lib

@@ -253,24 +253,30 @@ Ort::Status LowBitMatMulCpu::Compute(OrtKernelContext* ctx, const Ort::Custom::T
     args.codes = codes.Data();
     args.y = out;
 
-    // int8 activations pay only where the gemv kernel runs (few rows); from
-    // kGemmMinRows rows on the float32 panel kernel is faster (measured 35 vs
-    // 51 ms at 64 x 4096 x 4096), so those calls compute as level 0.
+    // int8 activations only below kGemmMinRows rows (the documented contract:
+    // from there on calls compute as level 0, more accurately). It was chosen
+    // when the int8 kernel was the slower one there; the current one is not
+    // (4-bit 4096 x 4096, 64 rows: 21 ms for the int8 kernel called directly,
+    // 31 ms for the float panel path in benchmarks/kernels.py).
     const bool int8 = attrs_.accuracy_level == 4 && !args.codebook && args.M < kGemmMinRows;
     const LbKernels& kernels =
-        int8 && args.block % kernels_->int8_block_multiple ? lowbit_kernels_portable() : *kernels_;
+        int8 && !kernels_->int8_takes(args.bits, args.block) ? lowbit_kernels_portable() : *kernels_;
     // int8 activations: A is quantized once per call (rows in parallel) into
     // buffers of the calling thread that the column tasks then read.
     thread_local std::vector<int8_t> xq;
     thread_local std::vector<float> sx;
     thread_local std::vector<int32_t> xqsum;
+    thread_local std::vector<float> xqzp;
     if (int8) {
-      xq.resize(static_cast<size_t>(args.M * args.n_blocks * args.block));
-      sx.resize(static_cast<size_t>(args.M * args.n_blocks));
-      xqsum.resize(static_cast<size_t>(args.M * args.n_blocks));
+      args.xq_blocks = (args.n_blocks + kInt8BlockGroup - 1) / kInt8BlockGroup * kInt8BlockGroup;
+      xq.resize(static_cast<size_t>(args.M * args.xq_blocks * args.block));
+      sx.resize(static_cast<size_t>(args.M * args.xq_blocks));
+      xqsum.resize(static_cast<size_t>(args.M * args.xq_blocks));
+      xqzp.resize(static_cast<size_t>(args.M * args.xq_blocks));
       args.xq = xq.data();
       args.sx = sx.data();
       args.xqsum = xqsum.data();
+      args.xqzp = xqzp.data();
       RowJob rows{&args, kernels.prepare_int8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(args.K, 1))};
       ParallelFor(ctx, &RunRows, (args.M + rows.chunk - 1) / rows.chunk, &rows);
     }

@@ -16,7 +16,7 @@
 //   Y[m, n] = bias[n] + sum_b float(sum_k (code - zp) * xq) * (scale[n, b] * sx[m, b])
 // with the inner sum exact in int32 (block_size <= 512) - as MatMulNBits'
 // accuracy_level 4 does, for its speed. Only calls with M < kGemmMinRows do
-// this; larger M computes in float32 (faster there, and more accurate).
+// this; larger M computes in float32 (more accurate; see lowbit_matmul.cc).
 #pragma once
 
 #include <cstdint>
@@ -38,11 +38,21 @@ struct LbArgs {
   const float* codebook = nullptr;      // null: linear
   int64_t codebook_stride = 0;          // 0: one shared table; 2^bits: a table per column
   // accuracy_level 4: A as int8, filled by prepare_int8 before the gemv_int8
-  // tasks run (layout chosen by the ISA that prepares it).
-  int8_t* xq = nullptr;      // [M, n_blocks * block]
-  float* sx = nullptr;       // [M, n_blocks]
-  int32_t* xqsum = nullptr;  // [M, n_blocks]: sum of xq over the block
+  // tasks run (layout chosen by the ISA that prepares it). Rows are
+  // xq_blocks blocks apart (n_blocks rounded up to kInt8BlockGroup, the padding
+  // zero) so that a kernel may read whole groups of blocks; the portable
+  // kernels use the first n_blocks of each row.
+  int64_t xq_blocks = 0;
+  int8_t* xq = nullptr;      // [M, xq_blocks * block]
+  float* sx = nullptr;       // [M, xq_blocks]
+  int32_t* xqsum = nullptr;  // [M, xq_blocks]: sum of xq over the block
+  // [M, xq_blocks]: float(2^(bits-1) * xqsum), the default zero point's term
+  // (exact: |.| < 2^24), for kernels that subtract it after the convert.
+  float* xqzp = nullptr;
 };
+
+// The AVX2 int8 kernel reduces the sums of 8 blocks into one vector at a time.
+constexpr int64_t kInt8BlockGroup = 8;
 
 // accuracy_level 4 needs block_size <= this: sums of (code - zp) * xq stay
 // exact in int32 and in their float conversion (255 * 127 * 512 < 2^24).
@@ -66,8 +76,8 @@ struct LbKernels {
   // then (all rows, outputs [n0, n1)) the integer dot products.
   void (*prepare_int8)(const LbArgs&, int64_t m0, int64_t m1);
   void (*gemv_int8)(const LbArgs&, int64_t n0, int64_t n1);
-  // Blocks gemv_int8 takes (a multiple of this); others use the portable one.
-  int64_t int8_block_multiple;
+  // Whether gemv_int8 takes this width and block size; others use the portable one.
+  bool (*int8_takes)(int bits, int64_t block);
 };
 
 const LbKernels& lowbit_kernels_portable();
@@ -76,6 +86,7 @@ const LbKernels& lowbit_kernels_avx2();
 // accuracy_level 4 kernels of the AVX2 TU (also used by the AVX-512 table).
 void lowbit_int8_prepare_avx2(const LbArgs&, int64_t m0, int64_t m1);
 void lowbit_int8_gemv_avx2(const LbArgs&, int64_t n0, int64_t n1);
+bool lowbit_int8_takes_avx2(int bits, int64_t block);
 #endif
 #ifdef ONNXSHRINK_HAVE_AVX512
 const LbKernels& lowbit_kernels_avx512();

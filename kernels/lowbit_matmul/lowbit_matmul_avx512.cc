@@ -105,6 +105,7 @@ struct Isa {
 namespace onnxshrink {
 // accuracy_level 4 reuses the AVX2 integer kernels (every AVX-512 CPU has AVX2).
 const LbKernels& lowbit_kernels_avx512() {
-  return lowbit_avx512::kernels("avx512", &lowbit_int8_prepare_avx2, &lowbit_int8_gemv_avx2, 32);
+  return lowbit_avx512::kernels("avx512", &lowbit_int8_prepare_avx2, &lowbit_int8_gemv_avx2,
+                                &lowbit_int8_takes_avx2);
 }
 }  // namespace onnxshrink

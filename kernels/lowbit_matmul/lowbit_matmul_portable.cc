@@ -64,7 +64,7 @@ void run(const LbArgs& a, int64_t n0, int64_t n1) {
 
 // accuracy_level 4, in A's natural order: per block, amax, xq = rint(x * (127 / amax)).
 void prepare_int8(const LbArgs& a, int64_t m0, int64_t m1) {
-  const int64_t kp = a.n_blocks * a.block;
+  const int64_t kp = a.xq_blocks * a.block;
   for (int64_t m = m0; m < m1; ++m) {
     const float* x = a.a + m * a.K;
     for (int64_t b = 0; b < a.n_blocks; ++b) {
@@ -79,17 +79,17 @@ void prepare_int8(const LbArgs& a, int64_t m0, int64_t m1) {
         q[i] = static_cast<int8_t>(v);
         sum += v;
       }
-      a.sx[m * a.n_blocks + b] = amax / 127.0f;
-      a.xqsum[m * a.n_blocks + b] = sum;
+      a.sx[m * a.xq_blocks + b] = amax / 127.0f;
+      a.xqsum[m * a.xq_blocks + b] = sum;
     }
   }
 }
 
 void gemv_int8(const LbArgs& a, int64_t n0, int64_t n1) {
   thread_local std::vector<int32_t> codes;
-  const int64_t kp = a.n_blocks * a.block;
+  const int64_t kp = a.xq_blocks * a.block;
   const int32_t default_zp = int32_t{1} << (a.bits - 1);
-  codes.resize(static_cast<size_t>(kp));
+  codes.resize(static_cast<size_t>(a.n_blocks * a.block));
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t b = 0; b < a.n_blocks; ++b) {
       const uint8_t* block = a.codes + (n * a.n_blocks + b) * a.block_bytes;
@@ -102,17 +102,19 @@ void gemv_int8(const LbArgs& a, int64_t n0, int64_t n1) {
         const int32_t zp = a.zero_points ? a.zero_points[n * a.n_blocks + b] : default_zp;
         int32_t sum = 0;
         for (int64_t i = b * a.block; i < (b + 1) * a.block; ++i) sum += (codes[i] - zp) * q[i];
-        acc += static_cast<float>(sum) * (a.scales[n * a.n_blocks + b] * a.sx[m * a.n_blocks + b]);
+        acc += static_cast<float>(sum) * (a.scales[n * a.n_blocks + b] * a.sx[m * a.xq_blocks + b]);
       }
       a.y[m * a.N + n] = (a.bias ? a.bias[n] : 0.0f) + acc;
     }
   }
 }
 
+bool takes_any(int, int64_t) { return true; }
+
 }  // namespace
 
 const LbKernels& lowbit_kernels_portable() {
-  static const LbKernels kernels{"portable", 1, &run, &run, &prepare_int8, &gemv_int8, 1};
+  static const LbKernels kernels{"portable", 1, &run, &run, &prepare_int8, &gemv_int8, &takes_any};
   return kernels;
 }
 

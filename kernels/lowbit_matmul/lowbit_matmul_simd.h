@@ -364,8 +364,9 @@ static void gemm(const LbArgs& a, int64_t n0, int64_t n1) {
 }
 
 static const LbKernels& kernels(const char* isa_name, void (*prepare_int8)(const LbArgs&, int64_t, int64_t),
-                                void (*gemv_int8)(const LbArgs&, int64_t, int64_t), int64_t int8_block_multiple) {
-  static const LbKernels table{isa_name, kPanel, &gemv, &gemm, prepare_int8, gemv_int8, int8_block_multiple};
+                                void (*gemv_int8)(const LbArgs&, int64_t, int64_t),
+                                bool (*int8_takes)(int, int64_t)) {
+  static const LbKernels table{isa_name, kPanel, &gemv, &gemm, prepare_int8, gemv_int8, int8_takes};
   return table;
 }
 
