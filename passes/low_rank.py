@@ -188,7 +188,6 @@ class _Spectrum:
     lower: np.ndarray | None  # L of the damped input Gram, None for plain SVD
     k: int
     n: int
-    min_saving: float = 0.1
 
     @classmethod
     def of(cls, matrix: np.ndarray, gram: np.ndarray | None, damping: float) -> "_Spectrum":

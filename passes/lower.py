@@ -510,7 +510,7 @@ def _layer_of(node, constant, producers, readers, notes, clustered) -> _Layer | 
     rebuilt = clustered(name)
     if rebuilt is not None:  # onnxruntime folds the decoder at load: the layer runs as a dense MatMul
         w, decoder = rebuilt
-        inside = [name for step in (*decoder, node) for name in step.input]
+        inside = [read for step in (*decoder, node) for read in step.input]
         if any(readers.get(out, 0) != inside.count(out) for step in decoder for out in step.output):
             raise _Skip("the clustered weight or part of its decoder is also read elsewhere")
         w = w.T if transposed else w
