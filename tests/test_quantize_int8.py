@@ -248,6 +248,12 @@ def test_speed_check_tries_all_optional_types_at_once_first(monkeypatch):
     assert left == frozenset() and trials == [frozenset({"Add", "Concat", "Mul"})]
 
 
+def test_speed_check_takes_a_small_gain_whole(monkeypatch):
+    # All optional types float gains 7%: clear enough to take, too small to time each type for.
+    left, trials, note = _speed_check(monkeypatch, lambda m: 1.0 if not m.quantized or not m.float_types else 0.93)
+    assert left == frozenset({"Add", "Concat", "Mul"}) and len(trials) == 1 and "not split by type" in note
+
+
 def test_speed_check_leaves_float_only_the_types_that_gain(monkeypatch):
     def seconds(model):  # quantized Concat costs 0.3, quantized Add 0.01 (noise): only Concat should go float
         if not model.quantized:
