@@ -3,8 +3,6 @@
 #include "dequantize_packed.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <exception>
 #include <limits>
 #include <sstream>
@@ -13,34 +11,9 @@ namespace onnxshrink {
 
 namespace {
 
-std::string ShapeStr(const std::vector<int64_t>& s) {
-  std::ostringstream os;
-  os << '[';
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << ']';
-  return os.str();
-}
-
 std::string Prefix() { return std::string("ai.onnxshrink.") + kDequantizePackedName + ": "; }
 
-// Reads an int attribute; false (and the status released) when it is absent.
-bool GetIntAttr(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t* v) {
-  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, v);
-  if (st) {
-    api->ReleaseStatus(st);
-    return false;
-  }
-  return true;
-}
-
-bool EnvFlag(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && std::strcmp(v, "0") != 0;
-}
-
 }  // namespace
-
-Ort::Status MakeError(const std::string& msg, OrtErrorCode code) { return Ort::Status(msg.c_str(), code); }
 
 void DqAttrs::Parse(const OrtApi* api, const OrtKernelInfo* info) {
   if (!GetIntAttr(api, info, "bits", &bits)) {
@@ -123,32 +96,6 @@ std::string ValidateInputs(const DqAttrs& a, const std::vector<int64_t>& codes_s
   return {};
 }
 
-OrtStatus* GetOptionalInput(OrtKernelContext* ctx, size_t index, OptionalInput* out) {
-  const OrtApi& api = Ort::GetApi();
-  size_t count = 0;
-  if (OrtStatus* st = api.KernelContext_GetInputCount(ctx, &count)) return st;
-  if (index >= count) return nullptr;
-  const OrtValue* v = nullptr;
-  if (OrtStatus* st = api.KernelContext_GetInput(ctx, index, &v)) return st;
-  if (!v) return nullptr;  // present in the node as "" -> absent
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (OrtStatus* st = api.GetTensorTypeAndShape(v, &info)) return st;
-  size_t rank = 0;
-  OrtStatus* st = api.GetDimensionsCount(info, &rank);
-  if (!st) {
-    out->shape.resize(rank);
-    st = api.GetDimensions(info, out->shape.data(), rank);
-  }
-  if (!st) st = api.GetTensorElementType(info, &out->type);
-  api.ReleaseTensorTypeAndShapeInfo(info);
-  if (st) return st;
-  void* data = nullptr;
-  // GetTensorMutableData is the only raw-data getter in the 1.21 C API; we only read through it.
-  if (OrtStatus* s2 = api.GetTensorMutableData(const_cast<OrtValue*>(v), &data)) return s2;
-  out->data = data;
-  return nullptr;
-}
-
 DqRowsFn select_dequantize_rows(const char** isa_name) {
   const char* name = "portable";
   DqRowsFn fn = &dequantize_rows_portable;
@@ -199,8 +146,8 @@ Ort::Status DequantizePackedCpu::Compute(OrtKernelContext* ctx, const Ort::Custo
                                          const Ort::Custom::Tensor<float>& scales, Ort::Custom::Tensor<float>& out) {
   try {
     if (!attrs_.error.empty()) return MakeError(attrs_.error);
-    OptionalInput zp;
-    if (OrtStatus* st = GetOptionalInput(ctx, 2, &zp)) return Ort::Status(st);
+    OpInput zp;
+    if (OrtStatus* st = ReadOptionalInput(ctx, 2, &zp)) return Ort::Status(st);
     const std::string err = ValidateInputs(attrs_, codes.Shape(), scales.Shape(), zp.data != nullptr, zp.shape);
     if (!err.empty()) return MakeError(err);
 

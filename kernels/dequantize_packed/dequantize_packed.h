@@ -10,6 +10,7 @@
 #include "onnxruntime_lite_custom_op.h"
 
 #include "dequantize_packed_args.h"
+#include "op_common.h"
 
 namespace onnxshrink {
 
@@ -33,17 +34,6 @@ struct DqAttrs {
 std::string ValidateInputs(const DqAttrs& attrs, const std::vector<int64_t>& codes_shape,
                            const std::vector<int64_t>& scales_shape, bool has_zero_points,
                            const std::vector<int64_t>& zero_points_shape);
-
-// Reads input #2 (zero_points) by hand: lite ops cannot see an input that is
-// present in the node as "" (empty name) without dereferencing a null value.
-struct OptionalInput {
-  const void* data = nullptr;
-  std::vector<int64_t> shape;
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-};
-OrtStatus* GetOptionalInput(OrtKernelContext* ctx, size_t index, OptionalInput* out);
-
-Ort::Status MakeError(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT);
 
 struct DequantizePackedCpu {
   DequantizePackedCpu(const OrtApi* api, const OrtKernelInfo* info);

@@ -14,8 +14,8 @@ Ort::Status DequantizePackedCuda::Compute(OrtKernelContext* ctx, const Ort::Cust
                                           const Ort::Custom::Tensor<float>& scales, Ort::Custom::Tensor<float>& out) {
   try {
     if (!attrs_.error.empty()) return MakeError(attrs_.error);
-    OptionalInput zp;
-    if (OrtStatus* st = GetOptionalInput(ctx, 2, &zp)) return Ort::Status(st);
+    OpInput zp;
+    if (OrtStatus* st = ReadOptionalInput(ctx, 2, &zp)) return Ort::Status(st);
     const std::string err = ValidateInputs(attrs_, codes.Shape(), scales.Shape(), zp.data != nullptr, zp.shape);
     if (!err.empty()) return MakeError(err);
     float* y = out.Allocate(attrs_.shape);

@@ -3,82 +3,9 @@
 #include "lowbit_matmul.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <exception>
-#include <sstream>
 
 namespace onnxshrink {
-
-namespace {
-
-std::string ShapeStr(const std::vector<int64_t>& s) {
-  std::ostringstream os;
-  os << '[';
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << ']';
-  return os.str();
-}
-
-bool GetIntAttr(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t* v) {
-  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, v);
-  if (st) {
-    api->ReleaseStatus(st);
-    return false;
-  }
-  return true;
-}
-
-std::string NodeName(const OrtApi* api, const OrtKernelInfo* info) {
-  size_t size = 0;
-  if (OrtStatus* st = api->KernelInfo_GetNodeName(info, nullptr, &size)) {
-    api->ReleaseStatus(st);
-    return {};
-  }
-  std::vector<char> buf(size + 1, '\0');
-  if (OrtStatus* st = api->KernelInfo_GetNodeName(info, buf.data(), &size)) {
-    api->ReleaseStatus(st);
-    return {};
-  }
-  return buf.data();
-}
-
-bool EnvFlag(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && std::strcmp(v, "0") != 0;
-}
-
-Ort::Status MakeError(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
-  return Ort::Status(msg.c_str(), code);
-}
-
-}  // namespace
-
-OrtStatus* ReadLowBitInput(OrtKernelContext* ctx, size_t index, LbInput* out) {
-  const OrtApi& api = Ort::GetApi();
-  size_t count = 0;
-  if (OrtStatus* st = api.KernelContext_GetInputCount(ctx, &count)) return st;
-  if (index >= count) return nullptr;
-  const OrtValue* v = nullptr;
-  if (OrtStatus* st = api.KernelContext_GetInput(ctx, index, &v)) return st;
-  if (!v) return nullptr;  // listed in the node as "": absent
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (OrtStatus* st = api.GetTensorTypeAndShape(v, &info)) return st;
-  size_t rank = 0;
-  OrtStatus* st = api.GetDimensionsCount(info, &rank);
-  if (!st) {
-    out->shape.resize(rank);
-    st = api.GetDimensions(info, out->shape.data(), rank);
-  }
-  api.ReleaseTensorTypeAndShapeInfo(info);
-  if (st) return st;
-  void* data = nullptr;
-  // GetTensorMutableData is the only raw-data getter in the 1.21 C API; we only read through it.
-  if (OrtStatus* s2 = api.GetTensorMutableData(const_cast<OrtValue*>(v), &data)) return s2;
-  out->data = data;
-  out->present = true;
-  return nullptr;
-}
 
 void LbAttrs::Parse(const OrtApi* api, const OrtKernelInfo* info) {
   const std::string node = NodeName(api, info);
@@ -113,8 +40,8 @@ void LbAttrs::Parse(const OrtApi* api, const OrtKernelInfo* info) {
 }
 
 std::string ValidateLowBitMatMul(const LbAttrs& at, const std::vector<int64_t>& a_shape,
-                                 const std::vector<int64_t>& codes_shape, const LbInput& scales,
-                                 const LbInput& zero_points, const LbInput& bias, const LbInput& codebook,
+                                 const std::vector<int64_t>& codes_shape, const OpInput& scales,
+                                 const OpInput& zero_points, const OpInput& bias, const OpInput& codebook,
                                  LbArgs* args) {
   const std::string& p = at.prefix;
   if (a_shape.empty() || a_shape.back() != at.K) {
@@ -235,11 +162,11 @@ Ort::Status LowBitMatMulCpu::Compute(OrtKernelContext* ctx, const Ort::Custom::T
                                      const Ort::Custom::Tensor<uint8_t>& codes, Ort::Custom::Tensor<float>& y) {
   try {
     if (!attrs_.error.empty()) return MakeError(attrs_.error);
-    LbInput scales, zero_points, bias, codebook;
-    if (OrtStatus* st = ReadLowBitInput(ctx, 2, &scales)) return Ort::Status(st);
-    if (OrtStatus* st = ReadLowBitInput(ctx, 3, &zero_points)) return Ort::Status(st);
-    if (OrtStatus* st = ReadLowBitInput(ctx, 4, &bias)) return Ort::Status(st);
-    if (OrtStatus* st = ReadLowBitInput(ctx, 5, &codebook)) return Ort::Status(st);
+    OpInput scales, zero_points, bias, codebook;
+    if (OrtStatus* st = ReadOptionalInput(ctx, 2, &scales)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 3, &zero_points)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 4, &bias)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 5, &codebook)) return Ort::Status(st);
     LbArgs args;
     const std::string err =
         ValidateLowBitMatMul(attrs_, a.Shape(), codes.Shape(), scales, zero_points, bias, codebook, &args);

@@ -10,6 +10,7 @@
 #include "onnxruntime_lite_custom_op.h"
 
 #include "lowbit_matmul_args.h"
+#include "op_common.h"
 
 namespace onnxshrink {
 
@@ -28,19 +29,11 @@ struct LbAttrs {
   void Parse(const OrtApi* api, const OrtKernelInfo* info);
 };
 
-// One optional input read by hand (lite ops cannot see an input that the
-// node lists as "" without dereferencing a null value).
-struct LbInput {
-  const void* data = nullptr;
-  std::vector<int64_t> shape;
-  bool present = false;
-};
-
 // Checks every shape and fills `args` (pointers and sizes, not `a`/`y`).
 // Returns "" or a message that names the op, the input and what was expected.
 std::string ValidateLowBitMatMul(const LbAttrs& attrs, const std::vector<int64_t>& a_shape,
-                                 const std::vector<int64_t>& codes_shape, const LbInput& scales,
-                                 const LbInput& zero_points, const LbInput& bias, const LbInput& codebook,
+                                 const std::vector<int64_t>& codes_shape, const OpInput& scales,
+                                 const OpInput& zero_points, const OpInput& bias, const OpInput& codebook,
                                  LbArgs* args);
 
 struct LowBitMatMulCpu {
@@ -64,8 +57,5 @@ struct LowBitMatMulCuda {
 // Creates the op definitions (CPU, plus CUDA when built with it). The caller
 // owns them and must keep them alive as long as any session uses them.
 std::vector<Ort::Custom::OrtLiteCustomOp*> CreateLowBitMatMulOps();
-
-// Reads input `index` if the node has it (shared with the CUDA op).
-OrtStatus* ReadLowBitInput(OrtKernelContext* ctx, size_t index, LbInput* out);
 
 }  // namespace onnxshrink

@@ -14,11 +14,11 @@ Ort::Status LowBitMatMulCuda::Compute(OrtKernelContext* ctx, const Ort::Custom::
                                       const Ort::Custom::Tensor<uint8_t>& codes, Ort::Custom::Tensor<float>& y) {
   try {
     if (!attrs_.error.empty()) return Ort::Status(attrs_.error.c_str(), ORT_INVALID_ARGUMENT);
-    LbInput scales, zero_points, bias, codebook;
-    if (OrtStatus* st = ReadLowBitInput(ctx, 2, &scales)) return Ort::Status(st);
-    if (OrtStatus* st = ReadLowBitInput(ctx, 3, &zero_points)) return Ort::Status(st);
-    if (OrtStatus* st = ReadLowBitInput(ctx, 4, &bias)) return Ort::Status(st);
-    if (OrtStatus* st = ReadLowBitInput(ctx, 5, &codebook)) return Ort::Status(st);
+    OpInput scales, zero_points, bias, codebook;
+    if (OrtStatus* st = ReadOptionalInput(ctx, 2, &scales)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 3, &zero_points)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 4, &bias)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 5, &codebook)) return Ort::Status(st);
     LbArgs args;
     const std::string err =
         ValidateLowBitMatMul(attrs_, a.Shape(), codes.Shape(), scales, zero_points, bias, codebook, &args);

@@ -4,10 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <exception>
-#include <sstream>
 
 namespace onnxshrink {
 
@@ -15,61 +12,6 @@ namespace {
 
 constexpr int64_t kMaxBlock = 64;       // block_k, block_n
 constexpr int64_t kMaxIndex = 1 << 16;  // indices are uint16
-
-std::string ShapeStr(const std::vector<int64_t>& s) {
-  std::ostringstream os;
-  os << '[';
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << ']';
-  return os.str();
-}
-
-bool GetIntAttr(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t* v) {
-  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, v);
-  if (st) {
-    api->ReleaseStatus(st);
-    return false;
-  }
-  return true;
-}
-
-bool GetStringAttr(const OrtApi* api, const OrtKernelInfo* info, const char* name, std::string* v) {
-  size_t size = 0;
-  OrtStatus* st = api->KernelInfoGetAttribute_string(info, name, nullptr, &size);
-  if (!st) {
-    std::vector<char> buf(size + 1, '\0');
-    st = api->KernelInfoGetAttribute_string(info, name, buf.data(), &size);
-    if (!st) *v = buf.data();
-  }
-  if (st) {
-    api->ReleaseStatus(st);
-    return false;
-  }
-  return true;
-}
-
-std::string NodeName(const OrtApi* api, const OrtKernelInfo* info) {
-  size_t size = 0;
-  if (OrtStatus* st = api->KernelInfo_GetNodeName(info, nullptr, &size)) {
-    api->ReleaseStatus(st);
-    return {};
-  }
-  std::vector<char> buf(size + 1, '\0');
-  if (OrtStatus* st = api->KernelInfo_GetNodeName(info, buf.data(), &size)) {
-    api->ReleaseStatus(st);
-    return {};
-  }
-  return buf.data();
-}
-
-bool EnvFlag(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && std::strcmp(v, "0") != 0;
-}
-
-Ort::Status MakeError(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
-  return Ort::Status(msg.c_str(), code);
-}
 
 const char* FormatName(SparseFormat f) {
   switch (f) {
@@ -104,32 +46,6 @@ int64_t NumElements(const std::vector<int64_t>& s) {
 }
 
 }  // namespace
-
-OrtStatus* ReadSparseInput(OrtKernelContext* ctx, size_t index, SpmmInput* out) {
-  const OrtApi& api = Ort::GetApi();
-  size_t count = 0;
-  if (OrtStatus* st = api.KernelContext_GetInputCount(ctx, &count)) return st;
-  if (index >= count) return nullptr;
-  const OrtValue* v = nullptr;
-  if (OrtStatus* st = api.KernelContext_GetInput(ctx, index, &v)) return st;
-  if (!v) return nullptr;  // listed in the node as "": absent
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (OrtStatus* st = api.GetTensorTypeAndShape(v, &info)) return st;
-  size_t rank = 0;
-  OrtStatus* st = api.GetDimensionsCount(info, &rank);
-  if (!st) {
-    out->shape.resize(rank);
-    st = api.GetDimensions(info, out->shape.data(), rank);
-  }
-  api.ReleaseTensorTypeAndShapeInfo(info);
-  if (st) return st;
-  void* data = nullptr;
-  // GetTensorMutableData is the only raw-data getter in the 1.21 C API; we only read through it.
-  if (OrtStatus* s2 = api.GetTensorMutableData(const_cast<OrtValue*>(v), &data)) return s2;
-  out->data = data;
-  out->present = true;
-  return nullptr;
-}
 
 void SpmmAttrs::Parse(const OrtApi* api, const OrtKernelInfo* info) {
   const std::string node = NodeName(api, info);
@@ -173,8 +89,8 @@ void SpmmAttrs::Parse(const OrtApi* api, const OrtKernelInfo* info) {
 }
 
 std::string ValidateSparseMatMul(const SpmmAttrs& at, const std::vector<int64_t>& a_shape,
-                                 const std::vector<int64_t>& values_shape, const SpmmInput& indices,
-                                 const SpmmInput& offsets, const SpmmInput& bias, bool check_structure,
+                                 const std::vector<int64_t>& values_shape, const OpInput& indices,
+                                 const OpInput& offsets, const OpInput& bias, bool check_structure,
                                  SpmmArgs* args) {
   const std::string& p = at.prefix;
   if (a_shape.empty() || a_shape.back() != at.K) {
@@ -370,10 +286,10 @@ Ort::Status SparseMatMulCpu::Compute(OrtKernelContext* ctx, const Ort::Custom::T
                                      const Ort::Custom::Tensor<float>& values, Ort::Custom::Tensor<float>& y) {
   try {
     if (!attrs_.error.empty()) return MakeError(attrs_.error);
-    SpmmInput indices, offsets, bias;
-    if (OrtStatus* st = ReadSparseInput(ctx, 2, &indices)) return Ort::Status(st);
-    if (OrtStatus* st = ReadSparseInput(ctx, 3, &offsets)) return Ort::Status(st);
-    if (OrtStatus* st = ReadSparseInput(ctx, 4, &bias)) return Ort::Status(st);
+    OpInput indices, offsets, bias;
+    if (OrtStatus* st = ReadOptionalInput(ctx, 2, &indices)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 3, &offsets)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 4, &bias)) return Ort::Status(st);
 
     const bool constant = indices.data && indices.data == const_indices_ &&
                           (attrs_.format == SparseFormat::kTwoFour || (offsets.data && offsets.data == const_offsets_));

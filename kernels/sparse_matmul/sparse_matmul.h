@@ -10,6 +10,7 @@
 
 #include "onnxruntime_lite_custom_op.h"
 
+#include "op_common.h"
 #include "sparse_matmul_args.h"
 
 namespace onnxshrink {
@@ -29,24 +30,13 @@ struct SpmmAttrs {
   void Parse(const OrtApi* api, const OrtKernelInfo* info);
 };
 
-// One input read by hand (lite ops cannot see an input that the node lists
-// as "" without dereferencing a null value, and these are format-dependent).
-struct SpmmInput {
-  const void* data = nullptr;
-  std::vector<int64_t> shape;
-  bool present = false;
-};
-
-// Reads input `index` if the node has it (shared with the CUDA op).
-OrtStatus* ReadSparseInput(OrtKernelContext* ctx, size_t index, SpmmInput* out);
-
 // Checks shapes (and, when `check_structure`, every index and offset, so the
 // kernels never read out of bounds; host memory only) and fills the pointers
 // of `args`.
 // Returns "" or a message that names the op, the input and what was expected.
 std::string ValidateSparseMatMul(const SpmmAttrs& attrs, const std::vector<int64_t>& a_shape,
-                                 const std::vector<int64_t>& values_shape, const SpmmInput& indices,
-                                 const SpmmInput& offsets, const SpmmInput& bias, bool check_structure,
+                                 const std::vector<int64_t>& values_shape, const OpInput& indices,
+                                 const OpInput& offsets, const OpInput& bias, bool check_structure,
                                  SpmmArgs* args);
 
 struct SparseMatMulCpu {

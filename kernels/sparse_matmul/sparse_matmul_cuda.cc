@@ -15,10 +15,10 @@ Ort::Status SparseMatMulCuda::Compute(OrtKernelContext* ctx, const Ort::Custom::
                                       const Ort::Custom::Tensor<float>& values, Ort::Custom::Tensor<float>& y) {
   try {
     if (!attrs_.error.empty()) return Ort::Status(attrs_.error.c_str(), ORT_INVALID_ARGUMENT);
-    SpmmInput indices, offsets, bias;
-    if (OrtStatus* st = ReadSparseInput(ctx, 2, &indices)) return Ort::Status(st);
-    if (OrtStatus* st = ReadSparseInput(ctx, 3, &offsets)) return Ort::Status(st);
-    if (OrtStatus* st = ReadSparseInput(ctx, 4, &bias)) return Ort::Status(st);
+    OpInput indices, offsets, bias;
+    if (OrtStatus* st = ReadOptionalInput(ctx, 2, &indices)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 3, &offsets)) return Ort::Status(st);
+    if (OrtStatus* st = ReadOptionalInput(ctx, 4, &bias)) return Ort::Status(st);
     SpmmArgs args;
     const std::string err = ValidateSparseMatMul(attrs_, a.Shape(), values.Shape(), indices, offsets, bias,
                                                  /*check_structure=*/false, &args);
