@@ -51,3 +51,32 @@ def run(model: onnx.ModelProto, feed: dict) -> list:
     import onnxruntime as ort
 
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def library_isa(symbol: str) -> str:
+    """The kernel variant the op library picked, from one of its diagnostic exports (e.g. "avx2")."""
+    import ctypes
+
+    from onnxshrink import ops
+
+    function = getattr(ctypes.CDLL(ops.library_path()), symbol)
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
+def assert_cases_pass_forced_portable(test_module: str, isa_function: str, tmp_path) -> None:
+    """Runs `test_module._check_cases()` in a fresh interpreter with ONNXSHRINK_FORCE_PORTABLE=1 set
+    before any session exists (dispatch is decided per kernel, at session creation), after checking
+    that `test_module.<isa_function>()` says "portable". cwd=tmp_path, so that a source checkout in
+    the current directory cannot shadow the installed package."""
+    import os
+    import subprocess
+    import sys
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {tests_dir!r}); import {test_module} as m; "
+            f"isa = m.{isa_function}(); assert isa == 'portable', isa; m._check_cases(); print('PORTABLE-OK')")
+    env = dict(os.environ, ONNXSHRINK_FORCE_PORTABLE="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "PORTABLE-OK" in proc.stdout, proc.stdout + proc.stderr

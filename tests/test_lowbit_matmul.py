@@ -7,15 +7,13 @@ magnitude, for odd K and N (not multiples of the block), M = 1 and M large (the 
 kernels), dispatched and forced portable.
 """
 
-import ctypes
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import assert_cases_pass_forced_portable, library_isa
 from onnxshrink import ops
 import onnxshrink.passes.lower as lower  # registers the pass; holds lowbit_codes
 
@@ -167,9 +165,7 @@ def _check_int8_cases():
 
 
 def _isa():
-    lib = ctypes.CDLL(ops.library_path())
-    lib.OnnxShrinkLowBitMatMulIsa.restype = ctypes.c_char_p
-    return lib.OnnxShrinkLowBitMatMulIsa().decode()
+    return library_isa("OnnxShrinkLowBitMatMulIsa")
 
 
 # ---------------------------------------------------------------- packing
@@ -253,12 +249,7 @@ def test_op_large_shape_both_kernels():
 
 @needs_lib
 def test_op_matches_reference_forced_portable(tmp_path):
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path.insert(0, {tests_dir!r}); import test_lowbit_matmul as m; "
-            "isa = m._isa(); assert isa == 'portable', isa; m._check_cases(); print('PORTABLE-OK')")
-    env = dict(os.environ, ONNXSHRINK_FORCE_PORTABLE="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "PORTABLE-OK" in proc.stdout, proc.stdout + proc.stderr
+    assert_cases_pass_forced_portable("test_lowbit_matmul", "_isa", tmp_path)
 
 
 @needs_lib

@@ -5,14 +5,12 @@ was built with ONNXSHRINK_NO_KERNELS=1, except in CI (CI=true), where a missing
 library is a failure: CI must build it.
 """
 
-import ctypes
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from helpers import assert_cases_pass_forced_portable, library_isa
 from onnxshrink import ops
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.packing import (
@@ -130,9 +128,7 @@ def _check_cases():
 
 
 def _selected_isa():
-    lib = ctypes.CDLL(ops.library_path())
-    lib.OnnxShrinkSelectedIsa.restype = ctypes.c_char_p
-    return lib.OnnxShrinkSelectedIsa().decode()
+    return library_isa("OnnxShrinkSelectedIsa")
 
 
 @needs_lib
@@ -147,20 +143,7 @@ def test_op_matches_reference_dispatched(bits, block, shape, zp):
 
 @needs_lib
 def test_op_matches_reference_forced_portable(tmp_path):
-    # A fresh interpreter with the env var set before anything is loaded
-    # (dispatch is decided per kernel, at session creation). cwd=tmp_path so
-    # that a source checkout in the current directory cannot shadow the
-    # installed package.
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        f"import sys; sys.path.insert(0, {tests_dir!r}); import test_ops as m; "
-        "isa = m._selected_isa(); assert isa == 'portable', isa; m._check_cases(); print('PORTABLE-OK')"
-    )
-    env = dict(os.environ, ONNXSHRINK_FORCE_PORTABLE="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and "PORTABLE-OK" in proc.stdout, proc.stdout + proc.stderr
+    assert_cases_pass_forced_portable("test_ops", "_selected_isa", tmp_path)
 
 
 @needs_lib

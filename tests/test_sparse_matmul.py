@@ -6,15 +6,13 @@ match it within 1e-4 relative to the output's largest magnitude, for odd shapes,
 Bad inputs must raise an onnxruntime error naming the input, and leave the session usable.
 """
 
-import ctypes
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import assert_cases_pass_forced_portable, library_isa
 from onnxshrink import ops
 import onnxshrink.passes.lower as lower  # registers the pass; holds the packers
 
@@ -156,9 +154,7 @@ def _check_cases():
 
 
 def _isa():
-    lib = ctypes.CDLL(ops.library_path())
-    lib.OnnxShrinkSparseMatMulIsa.restype = ctypes.c_char_p
-    return lib.OnnxShrinkSparseMatMulIsa().decode()
+    return library_isa("OnnxShrinkSparseMatMulIsa")
 
 
 def _cpu_flags():
@@ -241,14 +237,7 @@ def test_op_without_bias_and_empty_rows():
 
 @needs_lib
 def test_op_matches_reference_forced_portable(tmp_path):
-    # A fresh interpreter with the env var set before any session exists (dispatch is decided per
-    # kernel, at session creation); cwd=tmp_path so the source checkout cannot shadow the install.
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path.insert(0, {tests_dir!r}); import test_sparse_matmul as m; "
-            "isa = m._isa(); assert isa == 'portable', isa; m._check_cases(); print('PORTABLE-OK')")
-    env = dict(os.environ, ONNXSHRINK_FORCE_PORTABLE="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "PORTABLE-OK" in proc.stdout, proc.stdout + proc.stderr
+    assert_cases_pass_forced_portable("test_sparse_matmul", "_isa", tmp_path)
 
 
 @needs_lib
