@@ -127,3 +127,24 @@ def constants_to_initializers(graph: onnx.GraphProto, only: set[str] | None = No
     if len(keep) != len(graph.node):  # rebuilding copies the nodes: references held elsewhere would go stale
         del graph.node[:]
         graph.node.extend(keep)
+
+
+def replace_nodes(graph: onnx.GraphProto, instead: dict[int, list]) -> None:
+    """Rebuild `graph.node` with each node whose id() is a key of `instead` replaced by that list
+    ([] removes it); the ids must come from nodes of this graph still referenced by the caller."""
+    rebuilt = []
+    for node in graph.node:
+        rebuilt.extend(instead.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers that no node (subgraph bodies included) and no graph output reads."""
+    used = {name for node in graph.node for name in node.input}
+    used |= {name for node in graph.node for sub in subgraphs(node) for name in outer_scope_names(sub)}
+    used |= {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)

@@ -32,8 +32,8 @@ from onnx import helper, numpy_helper
 
 from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors
 from onnxshrink.errors import OnnxShrinkError, UsageError
-from onnxshrink.graph import (all_names, attribute, constants_to_initializers, outer_scope_names, subgraphs,
-                              unique_name)
+from onnxshrink.graph import (all_names, attribute, constants_to_initializers, drop_unused_initializers,
+                              replace_nodes, unique_name)
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
@@ -114,18 +114,8 @@ class LowRank(Pass):
                                      f"weights, {kept:.1%} energy kept" + (" (of the outputs)" if grams else "")))
         if not replaced:
             return PassOutput(model, notes)
-        new_nodes = []
-        for node in model.graph.node:
-            new_nodes += replaced.get(id(node), [node])
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
-        # The factored weights' originals are dropped unless something else still reads them.
-        graph = model.graph
-        needed = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        needed |= {name for node in graph.node for sub in subgraphs(node) for name in outer_scope_names(sub)}
-        kept_inits = [t for t in model.graph.initializer if t.name in needed]
-        del graph.initializer[:]
-        graph.initializer.extend(kept_inits)
+        replace_nodes(model.graph, replaced)
+        drop_unused_initializers(model.graph)  # the factored weights, unless something else reads them
         return PassOutput(model, notes)
 
 

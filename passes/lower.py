@@ -38,7 +38,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink import ops
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.graph import all_names, attribute, opset_version, outer_scope_names, subgraphs, unique_name
+from onnxshrink.graph import (all_names, attribute, drop_unused_initializers, opset_version, outer_scope_names,
+                              replace_nodes, subgraphs, unique_name)
 from onnxshrink.options import PassOptions, option
 from onnxshrink.packing import pack_codes, unpack_codes
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
@@ -737,19 +738,8 @@ class _Rewriter:
 
     def finish(self) -> None:
         graph, model = self.graph, self.model
-        rebuilt = []
-        for node in graph.node:
-            rebuilt.extend(self.instead.get(id(node), [node]))
-        del graph.node[:]
-        graph.node.extend(rebuilt)
-        used = {name for node in graph.node for name in node.input}
-        for node in graph.node:
-            for sub in subgraphs(node):
-                used |= outer_scope_names(sub)
-        used |= {o.name for o in graph.output}
-        kept = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        replace_nodes(graph, self.instead)
+        drop_unused_initializers(graph)
         produced = {name for node in graph.node for name in node.output} | {t.name for t in graph.initializer} | \
                    {i.name for i in graph.input}
         stale = [v for v in graph.value_info if v.name not in produced]

@@ -25,8 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.activations import stream_extremes, stream_tensors
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.graph import (all_names, attribute, constants_to_initializers, opset_version, outer_scope_names,
-                              subgraphs, unique_name)
+from onnxshrink.graph import (all_names, attribute, constants_to_initializers, drop_unused_initializers,
+                              opset_version, subgraphs, unique_name)
 from onnxshrink.histogram import BINS, Histogram, calibrate
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
@@ -271,7 +271,7 @@ def _smooth(model, nodes, initializers, context, opts, notes: list[Note]) -> set
         ordered.append(node)
     del graph.node[:]
     graph.node.extend(ordered)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     notes.append(Note("(graph)", f"SmoothQuant alpha={opts.smooth:g} on {len(inserted)} MatMul inputs"))
     return {node.name for node in inserted.values()}
 
@@ -317,7 +317,7 @@ def _quantize_tables(model, nodes, initializers, opts, notes: list[Note]) -> set
     if done:
         del graph.node[:]
         graph.node.extend(rebuilt)
-        _drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
     return done
 
 
@@ -656,7 +656,7 @@ def _rewrite(model: onnx.ModelProto, plan: Plan, stats: Stats, opts, notes: list
     del graph.node[:]
     graph.node.extend(ordered)
     graph.initializer.extend(new_initializers)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     counts = {}
     for node in plan.nodes:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -774,12 +774,3 @@ def _quantized_constant(tensor, add, head, names, opts) -> str:
                                                       add(zero_point, f"{tensor.name}_zero_point")],
                                  [output], name=unique_name(f"{tensor.name}_DQ", names)))
     return output
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    used |= {name for node in graph.node for sub in subgraphs(node) for name in outer_scope_names(sub)}
-    used |= {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)

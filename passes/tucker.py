@@ -50,8 +50,8 @@ from onnx import helper, numpy_helper
 
 from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors
 from onnxshrink.errors import OnnxShrinkError, UsageError
-from onnxshrink.graph import all_names, attribute, constants_to_initializers, outer_scope_names, subgraphs, \
-    unique_name
+from onnxshrink.graph import (all_names, attribute, constants_to_initializers, drop_unused_initializers,
+                              outer_scope_names, replace_nodes, subgraphs, unique_name)
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
@@ -124,17 +124,8 @@ class Tucker(Pass):
                                            f"weights, {factors.kept:.1%} of the {what} kept"))
         if not replaced:
             return PassOutput(model, notes)
-        nodes = []
-        for node in model.graph.node:
-            nodes += replaced.get(id(node), [node])
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        # The factored kernels are dropped unless something else still reads them.
-        needed = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-        needed |= {name for node in model.graph.node for sub in subgraphs(node) for name in outer_scope_names(sub)}
-        kept_inits = [t for t in model.graph.initializer if t.name in needed]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept_inits)
+        replace_nodes(model.graph, replaced)
+        drop_unused_initializers(model.graph)  # the factored kernels, unless something else reads them
         return PassOutput(model, notes)
 
 
