@@ -44,7 +44,7 @@ from onnxshrink.options import PassOptions, option
 from onnxshrink.packing import pack_codes, unpack_codes
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.passes.quantize_weights import Quantized, nbits_runs
-from onnxshrink.passes.weight_sharing import decoder_of, shared_weight
+from onnxshrink.passes.weight_sharing import codebook_positions, decoder_of
 from onnxshrink.registry import register_pass
 from onnxshrink.runtime import make_session
 
@@ -453,8 +453,9 @@ def _find_layers(model: onnx.ModelProto, opts, notes: list[Note]) -> list[_Layer
         found = decoder_of(model, name)
         if found is None or name in overridable:
             return None
-        table, positions = shared_weight(model, name)
-        return numpy_helper.to_array(inits[table]).reshape(-1)[positions].astype(np.float32), found[0]
+        decoder, codebook = found
+        positions = codebook_positions(model, name, decoder, codebook)
+        return numpy_helper.to_array(codebook).reshape(-1)[positions].astype(np.float32), decoder
 
     layers = []
     for node in graph.node:

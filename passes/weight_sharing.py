@@ -295,14 +295,18 @@ def decoder_of(model: onnx.ModelProto, name: str) -> tuple[list[onnx.NodeProto],
 
 def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] | None:
     """For a weight that `cluster` rebuilds: (its codebook initializer, the codebook position of every
-    entry, shaped like the weight); None for any other tensor. `reconstruct` refits codebooks with it.
-
-    The positions come from running the weight's decoder with the codebook replaced by 0, 1, 2, ...:
-    whatever layout the codes were stored in, each entry then reads its own position."""
+    entry, shaped like the weight); None for any other tensor. `reconstruct` refits codebooks with it."""
     found = decoder_of(model, name)
     if found is None:
         return None
-    decoder, codebook = found
+    return found[1].name, codebook_positions(model, name, *found)
+
+
+def codebook_positions(model: onnx.ModelProto, name: str, decoder: list[onnx.NodeProto],
+                       codebook: onnx.TensorProto) -> np.ndarray:
+    """The codebook position every entry of weight `name` reads, shaped like the weight, from its
+    decoder (as decoder_of gives it): the decoder runs with the codebook replaced by 0, 1, 2, ...,
+    so whatever layout the codes were stored in, each entry then reads its own position."""
     used = {i for n in decoder for i in n.input}
     positions = numpy_helper.from_array(np.arange(int(np.prod(codebook.dims)), dtype=np.float32).reshape(
         tuple(codebook.dims)), codebook.name)
@@ -313,7 +317,7 @@ def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] |
     from onnxshrink.runtime import make_session
 
     (values,) = make_session(probe, threads=1, optimization="none").run(None, {})
-    return codebook.name, np.rint(values).astype(np.int64)
+    return np.rint(values).astype(np.int64)
 
 
 # --------------------------------------------------------------------------
