@@ -379,6 +379,32 @@ class Geometry:
             end.append(total - first)
         return begin[0], begin[1], end[0], end[1]
 
+    def patches(self, x: np.ndarray, max_positions: int, seed, out_shape=None) -> tuple[np.ndarray, np.ndarray]:
+        """The [C, n, kh, kw] input windows of `x` [C, H, W] at n output positions (drawn at random,
+        seeded, where there are more than `max_positions`; 0 takes them all), and those positions.
+        `out_shape` (h, w) defaults to what the padded input gives; a ConvTranspose is read as a
+        stride-1 Conv with the flipped kernel over the zero-inserted input."""
+        strides = self.strides
+        if self.transposed:
+            spread = np.zeros((x.shape[0], (x.shape[1] - 1) * strides[0] + 1, (x.shape[2] - 1) * strides[1] + 1), x.dtype)
+            spread[:, ::strides[0], ::strides[1]] = x
+            x, strides = spread, (1, 1)
+        (kh, kw), (dh, dw) = self.kernel, self.dilations
+        top, left, bottom, right = self.padding(*x.shape[1:])
+        padded = np.pad(x, ((0, 0), (max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0))))
+        padded = padded[:, max(-top, 0):padded.shape[1] - max(-bottom, 0), max(-left, 0):padded.shape[2] - max(-right, 0)]
+        if out_shape is None:
+            out_shape = ((padded.shape[1] - (kh - 1) * dh - 1) // strides[0] + 1,
+                         (padded.shape[2] - (kw - 1) * dw - 1) // strides[1] + 1)
+        out_h, out_w = out_shape
+        positions = np.arange(out_h * out_w)
+        if max_positions and positions.size > max_positions:
+            positions = np.sort(np.random.default_rng(seed).choice(positions.size, max_positions, replace=False))
+        oy, ox = np.divmod(positions, out_w)
+        iy = oy[:, None] * strides[0] + np.arange(kh) * dh  # [n, kh]
+        ix = ox[:, None] * strides[1] + np.arange(kw) * dw  # [n, kw]
+        return padded[:, iy[:, :, None], ix[:, None, :]], positions
+
 
 @dataclass(eq=False)
 class _Windows:
@@ -419,29 +445,13 @@ class _Windows:
     def windows(self, x: np.ndarray, out_shape, seed) -> tuple[np.ndarray, np.ndarray]:
         """[group, n, C/group * kh * kw + 1] windows of `x` [C, H, W] at n sampled output positions, and those positions."""
         g = self.geometry
-        strides = g.strides
-        if g.transposed:  # a ConvTranspose is a stride-1 Conv with the flipped kernel over the zero-inserted input
-            spread = np.zeros((x.shape[0], (x.shape[1] - 1) * strides[0] + 1, (x.shape[2] - 1) * strides[1] + 1), x.dtype)
-            spread[:, ::strides[0], ::strides[1]] = x
-            x, strides = spread, (1, 1)
-        top, left, bottom, right = g.padding(*x.shape[1:])
-        padded = np.pad(x, ((0, 0), (max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0))))
-        padded = padded[:, max(-top, 0):padded.shape[1] - max(-bottom, 0), max(-left, 0):padded.shape[2] - max(-right, 0)]
-        out_h, out_w = out_shape
-        positions = np.arange(out_h * out_w)
-        if self.max_positions and positions.size > self.max_positions:
-            positions = np.sort(np.random.default_rng(seed).choice(positions.size, self.max_positions, replace=False))
-        oy, ox = np.divmod(positions, out_w)
-        iy = oy[:, None] * strides[0] + np.arange(g.kernel[0]) * g.dilations[0]  # [n, kh]
-        ix = ox[:, None] * strides[1] + np.arange(g.kernel[1]) * g.dilations[1]  # [n, kw]
-        windows = padded[:, iy[:, :, None], ix[:, None, :]]  # [C, n, kh, kw]
+        windows, positions = g.patches(x, self.max_positions, seed, out_shape)  # [C, n, kh, kw]
         per_group = x.shape[0] // g.group
         rows = np.empty((g.group, len(positions), per_group * g.kernel[0] * g.kernel[1] + 1))
         rows[..., -1] = 1
         rows[..., :-1] = windows.reshape(g.group, per_group, len(positions), -1).transpose(0, 2, 1, 3) \
             .reshape(g.group, len(positions), -1)
         return rows, positions
-
 
 def _inner(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a^T b per group; one group as a plain 2-D product, which BLAS runs much faster than a stack."""

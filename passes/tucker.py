@@ -256,19 +256,7 @@ def _observe(model, layers, context, opts, notes) -> None:
 def windows(x: np.ndarray, geometry: Geometry, max_positions: int, seed) -> np.ndarray:
     """[n, C * kh * kw] windows of `x` [C, H, W] at the Conv's output positions (n of them drawn at
     random where there are more than `max_positions`), laid out as the kernel's [I, kh, kw]."""
-    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
-    top, left, bottom, right = geometry.padding(*x.shape[1:])
-    padded = np.pad(x, ((0, 0), (max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0))))
-    padded = padded[:, max(-top, 0):padded.shape[1] - max(-bottom, 0), max(-left, 0):padded.shape[2] - max(-right, 0)]
-    out_h = (padded.shape[1] - (kh - 1) * dh - 1) // sh + 1
-    out_w = (padded.shape[2] - (kw - 1) * dw - 1) // sw + 1
-    positions = np.arange(out_h * out_w)
-    if max_positions and positions.size > max_positions:
-        positions = np.sort(np.random.default_rng(seed).choice(positions.size, max_positions, replace=False))
-    oy, ox = np.divmod(positions, out_w)
-    iy = oy[:, None] * sh + np.arange(kh) * dh  # [n, kh]
-    ix = ox[:, None] * sw + np.arange(kw) * dw  # [n, kw]
-    patches = padded[:, iy[:, :, None], ix[:, None, :]]  # [C, n, kh, kw]
+    patches, positions = geometry.patches(x, max_positions, seed)  # [C, n, kh, kw]
     return patches.transpose(1, 0, 2, 3).reshape(len(positions), -1)
 
 
