@@ -225,17 +225,17 @@ def test_int8_activations_every_row_count(bits):
 
 
 @needs_lib
-def test_int8_activations_apply_below_twelve_rows_only():
-    """accuracy_level 4 rounds A to int8 for M < 12 (the gemv kernel); from 12 rows on it computes
-    in float32 like level 0 (the float panel kernel is faster there)."""
-    model, a, ref = lowbit_case(96, 40, (12,), 4, 32)
-    (y,) = ops.session(with_accuracy_level(model, 4)).run(None, {"A": a})
-    assert_close(y, ref)
+def test_int8_activations_apply_at_every_row_count():
+    """accuracy_level 4 rounds A to int8 at any M, as MatMulNBits does: 12 and 64 rows (where the
+    float32 path would take panels) give the int8 definition, not the float32 result."""
+    model, a, ref = lowbit_case(96, 40, (64,), 4, 32)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    (y11,) = ops.session(model).run(None, {"A": a[:11]})
-    want = int8_reference(a[:11], inits["codes"], inits["scales"], None, 4, 32, 96, inits["bias"])
-    assert_close(y11, want)
-    assert float(np.abs(y11 - ref[:11]).max()) > 1e-5 * float(np.abs(ref).max())  # it really is int8
+    session = ops.session(with_accuracy_level(model, 4))
+    for m in (12, 64):
+        (y,) = session.run(None, {"A": a[:m]})
+        want = int8_reference(a[:m], inits["codes"], inits["scales"], None, 4, 32, 96, inits["bias"])
+        assert_close(y, want, f"M={m}")
+        assert float(np.abs(y - ref[:m]).max()) > 1e-5 * float(np.abs(ref).max())  # it really is int8
 
 
 @needs_lib

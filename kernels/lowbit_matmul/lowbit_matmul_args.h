@@ -15,8 +15,7 @@
 // the block's largest |x|; 0 gives xq = 0), and
 //   Y[m, n] = bias[n] + sum_b float(sum_k (code - zp) * xq) * (scale[n, b] * sx[m, b])
 // with the inner sum exact in int32 (block_size <= 512) - as MatMulNBits'
-// accuracy_level 4 does, for its speed. Only calls with M < kGemmMinRows do
-// this; larger M computes in float32 (more accurate; see lowbit_matmul.cc).
+// accuracy_level 4 does, for its speed, at any M.
 #pragma once
 
 #include <cstdint>
