@@ -200,17 +200,23 @@ KERNEL_COSTS = {
     "blocked": KernelCost(24.0),        # stored values x rows per ns (dense tiles: no gather)
     "lowbit-gemv": KernelCost(9.5),     # weights x ceil(rows / 4) per ns (decoding bound, any width), M < 12
     "lowbit-gemm": KernelCost(27.0),    # multiply-adds per ns, dequantization included
-    # accuracy_level 4, M < 12: weights x rows per ns (4096 x 4096: 44-54, 768 x 3072: 38-42, at
-    # M = 2, 4, 8, 11 in interleaved runs beside MatMulNBits); at M = 1 it streams its weights at
-    # 16-18 GB/s (software prefetch; kernels.py: 0.57-0.61 ms at 4-bit 4096 x 4096).
-    "lowbit-int8": KernelCost(40.0, bytes_per_ns=16.0),
+    # accuracy_level 4 (int8 activations, any M): (K + INT8_OUTPUT_COST) x rows x N per ns; a
+    # column's fixed work per row (block scales, reductions) weighs most at small K. Measured at
+    # M = 12..128: K = 384 30-34, 1536 x 384 48-50, 4096 x 4096 53-59 multiply-adds per ns. At
+    # M = 1 it streams its weights at about 20 GB/s (software prefetch; 0.50 ms at 4-bit 4096 x 4096).
+    "lowbit-int8": KernelCost(61.0, bytes_per_ns=20.0),
     "dequantize": KernelCost(3.0),      # weights per ns: DequantizePacked, MatMulNBits at accuracy 0
     # MatMulNBits accuracy_level 4 (onnxruntime 1.32), M <= 4: weights x rows per ns (34-40 at
-    # M = 2 and 4, the same runs); at M = 1 it streams its weights at 12-14 GB/s (0.74-0.86 ms).
-    "nbits-int8": KernelCost(36.0, bytes_per_ns=13.0),
+    # M = 2 and 4, the same runs); at M = 1 it streams its weights at 12-15 GB/s (0.71-0.86 ms).
+    "nbits-int8": KernelCost(36.0, bytes_per_ns=14.0),
+    # MatMulNBits accuracy_level 4, M > 4: (K + NBITS_OUTPUT_COST) x rows x N per ns (measured at
+    # M = 12..128: 384-wide 30-38, 1536 x 384 40-42, 4096 x 4096 45-52 multiply-adds per ns).
+    "nbits-int8-gemm": KernelCost(47.0),
 }
 
 
+INT8_OUTPUT_COST = 325  # multiply-add equivalents per output row and column (fits the widths above)
+NBITS_OUTPUT_COST = 117
 OP_OVERHEAD_NS = 3000.0  # what one call of our ops costs beyond onnxruntime's MatMul (validation, dispatch)
 TILE_L2_K = 2048  # up to this K the csr tile kernel's transposed A tile (K x 16 floats) stays in L2
 
@@ -251,9 +257,9 @@ def predicted_ns(kind: str, m: int, k: int, n: int, *, nnz: int = 0, stored: int
         return OP_OVERHEAD_NS + _time("blocked", 4 * stored, m * stored)
     code_bytes = weights * (bits / 8 + (4 + zero_points) / block)
     if kind == "lowbit":
+        if accuracy_level == 4:  # its time grows with every row (an int8 dot product each)
+            return OP_OVERHEAD_NS + _time("lowbit-int8", code_bytes, m * n * (k + INT8_OUTPUT_COST))
         if m < 12:
-            if accuracy_level == 4:  # its time grows with every row (an int8 dot product each)
-                return OP_OVERHEAD_NS + _time("lowbit-int8", code_bytes, m * weights)
             return OP_OVERHEAD_NS + _time("lowbit-gemv", code_bytes, -(-m // 4) * weights)
         return OP_OVERHEAD_NS + _time("lowbit-gemm", code_bytes, m * weights)
     if kind == "nbits":
@@ -261,7 +267,7 @@ def predicted_ns(kind: str, m: int, k: int, n: int, *, nnz: int = 0, stored: int
             return weights / KERNEL_COSTS["dequantize"].work_per_ns + predicted_ns("dense", m, k, n) - 4 * weights / BYTES_PER_NS
         if m <= 4:
             return _time("nbits-int8", code_bytes, m * weights)
-        return _time("dense", code_bytes, m * weights)
+        return _time("nbits-int8-gemm", code_bytes, m * n * (k + NBITS_OUTPUT_COST))
     if kind == "dequantize-dense":
         return weights / KERNEL_COSTS["dequantize"].work_per_ns + predicted_ns("dense", m, k, n)
     raise ValueError(f"unknown kernel kind {kind!r}")
