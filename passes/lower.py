@@ -202,7 +202,7 @@ KERNEL_COSTS = {
     "lowbit-gemm": KernelCost(27.0),    # multiply-adds per ns, dequantization included
     # accuracy_level 4 (int8 activations, any M): (K + INT8_OUTPUT_COST) x rows x N per ns; a
     # column's fixed work per row (block scales, reductions) weighs most at small K. Measured at
-    # M = 12..128: K = 384 30-34, 1536 x 384 48-50, 4096 x 4096 53-59 multiply-adds per ns. At
+    # M = 12..128: K = 384 30-36, 1536 x 384 47-51, 4096 x 4096 52-59 multiply-adds per ns. At
     # M = 1 it streams its weights at about 20 GB/s (software prefetch; 0.50 ms at 4-bit 4096 x 4096).
     "lowbit-int8": KernelCost(61.0, bytes_per_ns=20.0),
     "dequantize": KernelCost(3.0),      # weights per ns: DequantizePacked, MatMulNBits at accuracy 0
@@ -210,7 +210,7 @@ KERNEL_COSTS = {
     # M = 2 and 4, the same runs); at M = 1 it streams its weights at 12-15 GB/s (0.71-0.86 ms).
     "nbits-int8": KernelCost(36.0, bytes_per_ns=14.0),
     # MatMulNBits accuracy_level 4, M > 4: (K + NBITS_OUTPUT_COST) x rows x N per ns (measured at
-    # M = 12..128: 384-wide 30-38, 1536 x 384 40-42, 4096 x 4096 45-52 multiply-adds per ns).
+    # M = 12..128: K = 384 34-41, 1536 x 384 42-43, 4096 x 4096 45-47 multiply-adds per ns).
     "nbits-int8-gemm": KernelCost(47.0),
 }
 
