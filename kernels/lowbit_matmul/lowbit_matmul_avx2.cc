@@ -327,7 +327,7 @@ LB_INLINE void group_sums(const uint8_t* codes, const int8_t* const* xq, int64_t
 // 16 bytes, then qword moves); a scalar loop here cost 1 us per 384-wide row,
 // more than the multiply-adds of a 384 x 384 layer at 24 rows.
 template <int BITS>
-LB_INLINE void reorder_span(const int8_t* natural, const int* perm, int8_t* q) {
+LB_INLINE void reorder_span(const int8_t* natural, int8_t* q) {
   auto load = [natural](int i) LB_INLINE_LAMBDA {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(natural + 32 * i));
   };
@@ -359,7 +359,7 @@ LB_INLINE void reorder_span(const int8_t* natural, const int* perm, int8_t* q) {
   } else if constexpr (BITS == 8) {
     store(0, load(0));
   } else {
-    for (int i = 0; i < span_codes<BITS>(); ++i) q[i] = natural[perm[i]];
+    for (int i = 0; i < span_codes<BITS>(); ++i) q[i] = natural[span_code<BITS>(i)];
   }
 }
 
@@ -370,8 +370,6 @@ template <int BITS>
 void prepare_int8_bits(const LbArgs& a, int64_t m0, int64_t m1) {
   constexpr int64_t SC = span_codes<BITS>();
   const int64_t kp = a.xq_blocks * a.block;
-  int perm[SC];
-  for (int i = 0; i < SC; ++i) perm[i] = span_code<BITS>(i);
   thread_local std::vector<int8_t> natural;
   natural.resize(static_cast<size_t>(kp));
   alignas(32) float padded[kInt8MaxBlock];
@@ -421,7 +419,7 @@ void prepare_int8_bits(const LbArgs& a, int64_t m0, int64_t m1) {
     std::fill(xqsum + a.n_blocks, xqsum + a.xq_blocks, 0);
     std::fill(xqzp + a.n_blocks, xqzp + a.xq_blocks, 0.0f);
     int8_t* q = a.xq + m * kp;
-    for (int64_t k0 = 0; k0 < kp; k0 += SC) reorder_span<BITS>(natural.data() + k0, perm, q + k0);
+    for (int64_t k0 = 0; k0 < kp; k0 += SC) reorder_span<BITS>(natural.data() + k0, q + k0);
   }
 }
 
