@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxshrink.activations import stream_extremes, stream_tensors
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.graph import (all_names, attribute, constants_to_initializers, drop_unused_initializers,
-                              opset_version, subgraphs, unique_name)
+                              opset_version, replace_nodes, subgraphs, unique_name)
 from onnxshrink.histogram import BINS, Histogram, calibrate
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
@@ -258,22 +258,16 @@ def _smooth(model, nodes, initializers, context, opts, notes: list[Note]) -> set
         inverse = unique_name(f"{tensor}_smooth_inverse", names)
         graph.initializer.append(numpy_helper.from_array((1 / factor).astype(np.float32), inverse))
         smoothed = unique_name(f"{tensor}_smoothed", names)
-        inserted[id(matmuls[0])] = helper.make_node("Mul", [tensor, inverse], [smoothed],
-                                                    name=unique_name(f"{tensor}_smooth", names))
+        inserted[id(matmuls[0])] = [helper.make_node("Mul", [tensor, inverse], [smoothed],
+                                                     name=unique_name(f"{tensor}_smooth", names)), matmuls[0]]
         for matmul, weight in zip(matmuls, weights):
             scaled = unique_name(f"{matmul.input[1]}_smoothed", names)
             graph.initializer.append(numpy_helper.from_array((weight * factor[:, None]).astype(np.float32), scaled))
             matmul.input[0], matmul.input[1] = smoothed, scaled
-    ordered = []
-    for node in graph.node:  # each Mul goes right before the first MatMul that reads it
-        if id(node) in inserted:
-            ordered.append(inserted[id(node)])
-        ordered.append(node)
-    del graph.node[:]
-    graph.node.extend(ordered)
+    replace_nodes(graph, inserted)  # each Mul goes right before the first MatMul that reads it
     drop_unused_initializers(graph)
     notes.append(Note("(graph)", f"SmoothQuant alpha={opts.smooth:g} on {len(inserted)} MatMul inputs"))
-    return {node.name for node in inserted.values()}
+    return {mul.name for mul, _ in inserted.values()}
 
 
 def _quantize_tables(model, nodes, initializers, opts, notes: list[Note]) -> set[str]:
@@ -288,13 +282,12 @@ def _quantize_tables(model, nodes, initializers, opts, notes: list[Note]) -> set
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
     done: set[str] = set()
-    rebuilt = []
+    instead = {}
     for node in graph.node:
         table = initializers.get(node.input[0]) if node.op_type == "Gather" and node.input else None
         axis = attribute(node, "axis", 0)
         if (node not in nodes or table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2
                 or axis != 0 or int(np.prod(table.dims)) < 4096 or readers.get(table.name, 0) != 1):
-            rebuilt.append(node)
             continue
         array = numpy_helper.to_array(table).astype(np.float32)
         reach = np.abs(array).max(axis=0) if opts.per_channel else np.array(np.abs(array).max())
@@ -309,14 +302,13 @@ def _quantize_tables(model, nodes, initializers, opts, notes: list[Note]) -> set
         output = node.output[0]
         gathered = unique_name(f"{output}_quantized", names)
         node.input[0], node.output[0] = codes_name, gathered
-        rebuilt += [node, helper.make_node("DequantizeLinear", [gathered, scale_name, zero_name], [output],
-                                           name=unique_name(f"{output}_DQ", names),
-                                           **({"axis": -1} if opts.per_channel else {}))]
+        instead[id(node)] = [node, helper.make_node("DequantizeLinear", [gathered, scale_name, zero_name], [output],
+                                                    name=unique_name(f"{output}_DQ", names),
+                                                    **({"axis": -1} if opts.per_channel else {}))]
         done.add(gathered)  # by output: node names may be empty
         notes.append(Note(node.name or output, f"embedding table {table.name} {list(table.dims)} stored int8"))
     if done:
-        del graph.node[:]
-        graph.node.extend(rebuilt)
+        replace_nodes(graph, instead)
         drop_unused_initializers(graph)
     return done
 
