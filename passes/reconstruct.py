@@ -453,6 +453,7 @@ class _Windows:
             .reshape(g.group, len(positions), -1)
         return rows, positions
 
+
 def _inner(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a^T b per group; one group as a plain 2-D product, which BLAS runs much faster than a stack."""
     if len(a) == 1:
