@@ -26,7 +26,8 @@ and fail on every other image.
   large maps are the early, narrow layers, whose few unknowns need far fewer equations. A Conv
   without a bias gets one: a bias is what gives back the average that removed channels fed it.
 * A MatMul/Gemm whose weight `cluster` rebuilds from a codebook: the codebook's values are the
-  unknowns (each weight keeps its code), from the same three Grams (SharedDense).
+  unknowns (each weight keeps its code), from the same three Grams (SharedDense). Per-channel
+  codebooks give one small system per output column, solved as a batch.
 * ConvTranspose: the same, seen as the stride-1 Conv with the flipped kernel that it is over its
   input with stride - 1 zeros inserted between neighbours.
 
@@ -267,6 +268,8 @@ class SharedDense(Dense):
     positions: np.ndarray | None = None  # [K, N]: the codebook position each weight reads
 
     def refit(self, model, weights, damping, taken) -> tuple[float, float, str]:
+        if _private_columns(self.positions):
+            return self._refit_by_column(weights, damping)
         values = numpy_helper.to_array(weights[self.codebook]).astype(np.float64)
         flat = values.reshape(-1)
         free = np.array([p for p in np.unique(self.positions) if flat[p] != 0], dtype=np.int64)
@@ -308,7 +311,71 @@ class SharedDense(Dense):
         return result.before, result.after, how
 
 
-# A clustered layer's normal equations need one K x K x N product per codebook value.
+    def _refit_by_column(self, weights, damping) -> tuple[float, float, str]:
+        """Per-channel codebooks: no value is read by two output columns, so the normal equations
+        split into one small system per column (its own values and bias), solved as a batch."""
+        values = numpy_helper.to_array(weights[self.codebook]).astype(np.float64)
+        flat = values.reshape(-1)
+        k, n = self.positions.shape
+        columns = [np.unique(self.positions[:, c], return_inverse=True) for c in range(n)]
+        width = max(len(used) for used, _ in columns)
+        onehot = np.zeros((k, n, width))  # onehot[i, c, l]: weight (i, c) reads column c's l-th value
+        start = np.zeros((n, width))
+        free = np.zeros((n, width), bool)
+        for c, (used, local) in enumerate(columns):
+            onehot[np.arange(k), c, local.reshape(-1)] = 1.0
+            start[c, :len(used)] = flat[used]
+            free[c, :len(used)] = flat[used] != 0  # the 0.0 that `cluster` keeps for pruned weights stays
+        biased = self.bias is not None
+        target = _stack(self.original_weight, self.original_bias)
+        grams, rhs, energy = [], [], []
+        for fold in range(FOLDS):
+            inner, cross, outer = (self.sums[key].grams[fold].total() for key in ("inner", "cross", "outer"))
+            if not biased:
+                inner, cross, outer = inner[:-1, :-1], cross[:-1, :-1], outer[:-1, :-1]
+            spread = (inner[:k, :k] @ onehot.reshape(k, -1)).reshape(k, n, width)
+            a = np.einsum("icl,icm->clm", onehot, spread)
+            right = cross @ target
+            b = np.einsum("icl,ic->cl", onehot, right[:k])
+            if biased:
+                mixed = np.einsum("icl,i->cl", onehot, inner[:k, k])
+                a = np.concatenate([np.concatenate([a, mixed[:, :, None]], axis=2),
+                                    np.concatenate([mixed[:, None, :], np.full((n, 1, 1), inner[k, k])], axis=2)],
+                                   axis=1)
+                b = np.concatenate([b, right[k][:, None]], axis=1)
+            grams.append(a)
+            rhs.append(b[:, :, None])
+            energy.append(np.sum(target * (outer @ target)))
+        support = free
+        if biased:
+            bias = numpy_helper.to_array(weights[self.bias]).astype(np.float64).reshape(-1)
+            start = np.concatenate([start, bias[:, None]], axis=1)
+            support = np.concatenate([free, np.ones((n, 1), bool)], axis=1)
+        result = fit(Problem(np.stack(grams), np.stack(rhs), np.array(energy)), start[:, :, None],
+                     support[:, :, None], damping)
+        how = f" ({int(free.sum())} codebook values in {n} per-column systems: {result.how})"
+        if not result.changed:
+            return result.before, result.after, how
+        solved = result.weights[:, :, 0]
+        flat = flat.copy()
+        for c, (used, _) in enumerate(columns):
+            flat[used] = np.where(free[c, :len(used)], solved[c, :len(used)], flat[used])
+        weights[self.codebook].CopyFrom(numpy_helper.from_array(flat.reshape(values.shape).astype(np.float32),
+                                                                self.codebook))
+        if biased:
+            weights[self.bias].CopyFrom(numpy_helper.from_array(solved[:, -1].astype(np.float32), self.bias))
+        return result.before, result.after, how
+
+
+def _private_columns(positions: np.ndarray) -> bool:
+    """Whether each codebook value is read by one output column only (per-channel codebooks)."""
+    k, n = positions.shape
+    owner = np.full(int(positions.max()) + 1, -1)
+    owner[positions] = np.broadcast_to(np.arange(n), positions.shape)
+    return bool(np.all(owner[positions] == np.arange(n)[None, :])) and n > 1
+
+
+# A clustered layer with shared codebooks needs one K x K x N product per codebook value.
 _MAX_SHARED_VALUES = 256
 
 
@@ -631,8 +698,9 @@ def _shared_layer(node, original, model, reference, weights, original_values, us
             or original.input[0] not in original_tappable or original.output[0] not in original_tappable:
         notes.append(Note(where, "not refit: shared codebook or an input that cannot be observed"))
         return None
-    if len(np.unique(positions)) > _MAX_SHARED_VALUES:
-        notes.append(Note(where, f"not refit: more than {_MAX_SHARED_VALUES} shared values (per-channel codebooks)"))
+    transposed_positions = positions.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else positions
+    if len(np.unique(positions)) > _MAX_SHARED_VALUES and not _private_columns(transposed_positions):
+        notes.append(Note(where, f"not refit: more than {_MAX_SHARED_VALUES} values shared across output columns"))
         return None
     channels = np.arange(before.shape[0 if transposed else 1])
     bias, original_bias = _bias(node, model, reference, weights, original_values, uses, channels)

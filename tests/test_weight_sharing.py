@@ -157,6 +157,41 @@ def test_reconstruct_refits_the_codebook_and_keeps_zeros():
     assert refitted < 0.99 * fitted and after < before, (fitted, refitted, before, after)
 
 
+@pytest.mark.parametrize("op", ["MatMul", "Gemm"])
+def test_reconstruct_refits_channel_codebooks_column_by_column(op):
+    rng = np.random.default_rng(9)
+    weight = rng.standard_normal((64, 12)).astype(np.float32)
+    weight[rng.random(weight.shape) < 0.3] = 0
+    stored = weight.T.copy() if op == "Gemm" else weight  # Gemm(transB=1) stores [N, K]
+    model = layer_model(stored, op)
+    mix = rng.standard_normal((64, 64)) * np.geomspace(3, 0.05, 64)
+    x, test = ((rng.standard_normal((n, 64)) @ mix).astype(np.float32) for n in (512, 256))
+    spec = "cluster(bits=2,scope=channel,min_elements=16)"
+    clustered = onnxshrink.compress(model, spec, samples=1).model
+    result = onnxshrink.compress(model, spec + ",reconstruct", calibration=[{"x": x}])
+    refit = result.report.passes[1]
+    assert refit.status == "applied" and "12 per-column systems" in refit.notes[0].message, refit.notes
+    rebuilt = rebuilt_weight(result.model)
+    rebuilt = rebuilt.T if op == "Gemm" else rebuilt
+    np.testing.assert_array_equal(rebuilt == 0, weight == 0)
+    assert all(len(np.unique(column[column != 0])) <= 3 for column in rebuilt.T)  # 4 codes, one kept for 0.0
+    # Each column's values are the least-squares ones for its codes, as numpy solves them directly.
+    codes = rebuilt_weight(clustered)
+    codes = codes.T if op == "Gemm" else codes
+    best = np.empty_like(weight)
+    for c in range(weight.shape[1]):
+        values = np.unique(codes[:, c][codes[:, c] != 0])
+        onehot = (codes[:, c][:, None] == values[None, :]).astype(np.float64)
+        solved = np.linalg.lstsq(x @ onehot, x @ weight[:, c], rcond=None)[0]
+        best[:, c] = onehot @ solved
+    residual = lambda w: np.linalg.norm(x @ w - x @ weight)  # noqa: E731
+    assert residual(rebuilt) <= 1.01 * residual(best) < 0.9 * residual(codes), \
+        (residual(rebuilt), residual(best), residual(codes))
+    reference = test @ weight
+    before, after = (np.linalg.norm(run(m, {"x": test})[0] - reference) for m in (clustered, result.model))
+    assert after < 0.9 * before, (before, after)
+
+
 def test_gptq_assignment_fits_the_outputs_and_keeps_zeros():
     rng = np.random.default_rng(8)
     weight = rng.standard_normal((96, 32)).astype(np.float32)
