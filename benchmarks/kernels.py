@@ -1,6 +1,7 @@
 """SparseMatMul and LowBitMatMul against onnxruntime's dense MatMul and MatMulNBits, in one run.
 
     python benchmarks/kernels.py [--quick] [--threads 1 2] [--runs 20] [--no-e2e] [--shapes 4096x4096]
+                                 [--max-isa avx2]
 
 For every K x N in {768x768, 768x3072, 3072x768, 4096x4096} and M in {1, 8, 64}, one session per
 kernel on the same weight shape, all with the same session options (1 and 2 intra-op threads),
@@ -16,13 +17,18 @@ Then the end-to-end cases (skipped by --quick and --no-e2e): all-MiniLM-L6-v2 pr
 obs (calibration: 32 sentences), lowered with `lower(batch=<tokens>)`, against the dense fp32 model
 at batch 1; and MiniLM quantized to 4 bits (MatMulNBits, accuracy_level 4) against the same model
 with every layer lowered to LowBitMatMul (`lower(min_gain=0)`) and as `lower(batch=<tokens>)`
-chooses, on one token and on a padded sentence. A last table checks the targets. `--quick`:
+chooses, on one token and on a padded sentence. A last table checks the targets. The tables' titles
+name the CPU and the kernel variant the library picked; `--max-isa avx2` caps it (ONNXSHRINK_MAX_ISA),
+to time the AVX2 kernels on an AVX-512 machine. `--quick`:
 768x3072 and 4096x4096, M 1 and 64, 70/90% zeros, 2 and 4 bits, 1 thread, 10 runs. Progress goes to stderr, tables to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -246,6 +252,26 @@ def targets(results: dict, threads: list[int], e2e_figures: dict | None) -> list
     return rows
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next((line for line in info if line.startswith("model name")), "")
+        return line.split(":", 1)[1].strip() if line else platform.processor() or "unknown CPU"
+    except OSError:
+        return platform.processor() or "unknown CPU"
+
+
+def kernel_variants() -> str:
+    """The variant each op would pick for a session created now (the library's diagnostic exports)."""
+    library = ctypes.CDLL(ops.library_path())
+    picked = []
+    for op, symbol in (("SparseMatMul", "OnnxShrinkSparseMatMulIsa"), ("LowBitMatMul", "OnnxShrinkLowBitMatMulIsa")):
+        function = getattr(library, symbol)
+        function.restype = ctypes.c_char_p
+        picked.append(f"{op} {function().decode()}")
+    return ", ".join(picked)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset (see the module docstring)")
@@ -253,7 +279,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None, help="interleaved timed rounds (default 20)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the MiniLM end-to-end case")
     parser.add_argument("--shapes", nargs="*", default=None, metavar="KxN", help="only these weight shapes, e.g. 4096x4096")
+    parser.add_argument("--max-isa", choices=("avx512", "avx2", "portable"), default=None,
+                        help="cap the op library's kernel choice (sets ONNXSHRINK_MAX_ISA)")
     args = parser.parse_args()
+    if args.max_isa:
+        os.environ["ONNXSHRINK_MAX_ISA"] = args.max_isa  # read when each session is created
     cfg = dict(QUICK) if args.quick else dict(shapes=SHAPES, rows=ROWS, sparsities=SPARSITIES, widths=WIDTHS,
                                               threads=[1, 2], runs=20)
     if args.threads:
@@ -266,11 +296,14 @@ def main() -> int:
 
     bandwidth = memory_bandwidth_gbps()
     log(f"measured read bandwidth (one core): {bandwidth:.1f} GB/s")
+    machine = f"{cpu_name()}; kernels: {kernel_variants()}"
+    log(machine)
     results: dict = {}
     rows = []
     for k, n in cfg["shapes"]:
         rows += bench_shape(k, n, cfg, bandwidth, results)
-    print(f"## Kernels (medians of {cfg['runs']} interleaved rounds; memory bandwidth {bandwidth:.1f} GB/s)\n")
+    print(f"## Kernels (medians of {cfg['runs']} interleaved rounds; memory bandwidth {bandwidth:.1f} GB/s; "
+          f"{machine})\n")
     print(markdown(["kernel", "K x N", "M", "threads", "ms", "vs dense", "vs MatMulNBits acc4", "weights MiB",
                     "M=1 GB/s (of measured)"], rows))
     figures = None

@@ -57,6 +57,14 @@ bool EnvFlag(const char* name) {
   return v && *v && std::strcmp(v, "0") != 0;
 }
 
+bool IsaAllowed(const char* isa) {
+  if (EnvFlag("ONNXSHRINK_FORCE_PORTABLE")) return false;
+  const char* cap = std::getenv("ONNXSHRINK_MAX_ISA");
+  if (!cap || !*cap || std::strcmp(cap, "avx512") == 0) return true;
+  if (std::strcmp(cap, "avx2") == 0) return std::strcmp(isa, "avx2") == 0;
+  return false;  // "portable", or a name we do not know: the always-built fallback
+}
+
 Ort::Status MakeError(const std::string& msg, OrtErrorCode code) { return Ort::Status(msg.c_str(), code); }
 
 OrtStatus* ReadOptionalInput(OrtKernelContext* ctx, size_t index, OpInput* out) {

@@ -65,18 +65,32 @@ def library_isa(symbol: str) -> str:
 
 
 def assert_cases_pass_forced_portable(test_module: str, isa_function: str, tmp_path) -> None:
-    """Runs `test_module._check_cases()` in a fresh interpreter with ONNXSHRINK_FORCE_PORTABLE=1 set
-    before any session exists (dispatch is decided per kernel, at session creation), after checking
-    that `test_module.<isa_function>()` says "portable". cwd=tmp_path, so that a source checkout in
-    the current directory cannot shadow the installed package."""
+    """Runs `test_module._check_cases()` with ONNXSHRINK_FORCE_PORTABLE=1 (see assert_cases_pass_under)."""
+    assert_cases_pass_under(test_module, isa_function, tmp_path, {"ONNXSHRINK_FORCE_PORTABLE": "1"}, "portable")
+
+
+def assert_cases_pass_under(test_module: str, isa_function: str, tmp_path, env: dict, isa: str) -> None:
+    """Runs `test_module._check_cases()` in a fresh interpreter with `env` set before any session
+    exists (dispatch is decided per kernel, at session creation), after checking that
+    `test_module.<isa_function>()` says `isa`. cwd=tmp_path, so that a source checkout in the
+    current directory cannot shadow the installed package."""
     import os
     import subprocess
     import sys
 
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     code = (f"import sys; sys.path.insert(0, {tests_dir!r}); import {test_module} as m; "
-            f"isa = m.{isa_function}(); assert isa == 'portable', isa; m._check_cases(); print('PORTABLE-OK')")
-    env = dict(os.environ, ONNXSHRINK_FORCE_PORTABLE="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and "PORTABLE-OK" in proc.stdout, proc.stdout + proc.stderr
+            f"isa = m.{isa_function}(); assert isa == {isa!r}, isa; m._check_cases(); print('CASES-OK')")
+    environment = {k: v for k, v in os.environ.items() if k not in ("ONNXSHRINK_FORCE_PORTABLE", "ONNXSHRINK_MAX_ISA")}
+    proc = subprocess.run([sys.executable, "-c", code], env={**environment, **env}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "CASES-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return set(next((line for line in info if line.startswith("flags")), "").split())
+    except OSError:
+        return set()

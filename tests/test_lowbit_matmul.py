@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import assert_cases_pass_forced_portable, library_isa
+from helpers import assert_cases_pass_forced_portable, assert_cases_pass_under, cpu_flags, library_isa
 from onnxshrink import ops
 import onnxshrink.passes.lower as lower  # registers the pass; holds lowbit_codes
 
@@ -253,9 +253,21 @@ def test_op_matches_reference_forced_portable(tmp_path):
 
 
 @needs_lib
+def test_op_matches_reference_capped_at_avx2(tmp_path):
+    """On an AVX-512 machine the AVX2 kernels are otherwise never run: ONNXSHRINK_MAX_ISA=avx2 runs them."""
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX2/FMA")
+    assert_cases_pass_under("test_lowbit_matmul", "_isa", tmp_path, {"ONNXSHRINK_MAX_ISA": "avx2"}, "avx2")
+
+
+@needs_lib
 def test_dispatch_env_var(monkeypatch):
     monkeypatch.delenv("ONNXSHRINK_FORCE_PORTABLE", raising=False)
+    monkeypatch.delenv("ONNXSHRINK_MAX_ISA", raising=False)
     assert _isa() in ("portable", "avx2", "avx512")
+    monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "portable")
+    assert _isa() == "portable"
+    monkeypatch.delenv("ONNXSHRINK_MAX_ISA")
     monkeypatch.setenv("ONNXSHRINK_FORCE_PORTABLE", "1")
     assert _isa() == "portable"
 

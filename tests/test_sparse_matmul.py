@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import assert_cases_pass_forced_portable, library_isa
+from helpers import assert_cases_pass_forced_portable, assert_cases_pass_under, cpu_flags, library_isa
 from onnxshrink import ops
 import onnxshrink.passes.lower as lower  # registers the pass; holds the packers
 
@@ -157,14 +157,6 @@ def _isa():
     return library_isa("OnnxShrinkSparseMatMulIsa")
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as info:
-            return set(next((line for line in info if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
-
-
 # ---------------------------------------------------------------- formats (pure numpy)
 
 
@@ -241,9 +233,18 @@ def test_op_matches_reference_forced_portable(tmp_path):
 
 
 @needs_lib
+def test_op_matches_reference_capped_at_avx2(tmp_path):
+    """On an AVX-512 machine the AVX2 kernels are otherwise never run: ONNXSHRINK_MAX_ISA=avx2 runs them."""
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX2/FMA")
+    assert_cases_pass_under("test_sparse_matmul", "_isa", tmp_path, {"ONNXSHRINK_MAX_ISA": "avx2"}, "avx2")
+
+
+@needs_lib
 def test_dispatch_follows_the_cpu(monkeypatch):
     monkeypatch.delenv("ONNXSHRINK_FORCE_PORTABLE", raising=False)
-    flags = _cpu_flags()
+    monkeypatch.delenv("ONNXSHRINK_MAX_ISA", raising=False)
+    flags = cpu_flags()
     isa = _isa()
     if {"avx512f", "avx512bw", "avx512vl", "fma"} <= flags:
         assert isa == "avx512"
@@ -251,6 +252,11 @@ def test_dispatch_follows_the_cpu(monkeypatch):
         assert isa == "avx2"  # AVX-512 is compiled in but must not be chosen without the CPU flags
     elif flags:
         assert isa == "portable"
+    monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "avx2")
+    assert _isa() == ("avx2" if {"avx2", "fma"} <= flags else "portable")
+    monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "portable")
+    assert _isa() == "portable"
+    monkeypatch.delenv("ONNXSHRINK_MAX_ISA")
     monkeypatch.setenv("ONNXSHRINK_FORCE_PORTABLE", "1")
     assert _isa() == "portable"
 

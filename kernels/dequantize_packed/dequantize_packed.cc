@@ -99,24 +99,24 @@ std::string ValidateInputs(const DqAttrs& a, const std::vector<int64_t>& codes_s
 DqRowsFn select_dequantize_rows(const char** isa_name) {
   const char* name = "portable";
   DqRowsFn fn = &dequantize_rows_portable;
-  if (!EnvFlag("ONNXSHRINK_FORCE_PORTABLE")) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    __builtin_cpu_init();
+  __builtin_cpu_init();
 #ifdef ONNXSHRINK_HAVE_AVX512
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
-      name = "avx512";
-      fn = &dequantize_rows_avx512;
-    } else
+  if (IsaAllowed("avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    name = "avx512";
+    fn = &dequantize_rows_avx512;
+    if (isa_name) *isa_name = name;
+    return fn;
+  }
 #endif
 #ifdef ONNXSHRINK_HAVE_AVX2
-        if (__builtin_cpu_supports("avx2")) {
-      name = "avx2";
-      fn = &dequantize_rows_avx2;
-    }
-#endif
-#endif
+  if (IsaAllowed("avx2") && __builtin_cpu_supports("avx2")) {
+    name = "avx2";
+    fn = &dequantize_rows_avx2;
   }
+#endif
+#endif
   if (isa_name) *isa_name = name;
   return fn;
 }
@@ -124,7 +124,7 @@ DqRowsFn select_dequantize_rows(const char** isa_name) {
 DequantizePackedCpu::DequantizePackedCpu(const OrtApi* api, const OrtKernelInfo* info) {
   attrs_.Parse(api, info);
   // Dispatch is chosen per kernel instance, i.e. when a session is created, so
-  // ONNXSHRINK_FORCE_PORTABLE only has to be set before creating the session.
+  // ONNXSHRINK_FORCE_PORTABLE / ONNXSHRINK_MAX_ISA only have to be set before creating the session.
   rows_fn_ = select_dequantize_rows(&isa_);
 }
 

@@ -94,20 +94,18 @@ std::string ValidateLowBitMatMul(const LbAttrs& at, const std::vector<int64_t>& 
 }
 
 const LbKernels& select_lowbit_kernels() {
-  if (!EnvFlag("ONNXSHRINK_FORCE_PORTABLE")) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    __builtin_cpu_init();
+  __builtin_cpu_init();
 #ifdef ONNXSHRINK_HAVE_AVX512
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-      return lowbit_kernels_avx512();
-    }
+  if (IsaAllowed("avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+    return lowbit_kernels_avx512();
+  }
 #endif
 #ifdef ONNXSHRINK_HAVE_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return lowbit_kernels_avx2();
+  if (IsaAllowed("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return lowbit_kernels_avx2();
 #endif
 #endif
-  }
   return lowbit_kernels_portable();
 }
 

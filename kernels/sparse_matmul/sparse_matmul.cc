@@ -186,20 +186,18 @@ std::string ValidateSparseMatMul(const SpmmAttrs& at, const std::vector<int64_t>
 }
 
 const SpmmKernels& select_spmm_kernels() {
-  if (!EnvFlag("ONNXSHRINK_FORCE_PORTABLE")) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    __builtin_cpu_init();
+  __builtin_cpu_init();
 #ifdef ONNXSHRINK_HAVE_AVX512
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-      return spmm_kernels_avx512();
-    }
+  if (IsaAllowed("avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+    return spmm_kernels_avx512();
+  }
 #endif
 #ifdef ONNXSHRINK_HAVE_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return spmm_kernels_avx2();
+  if (IsaAllowed("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return spmm_kernels_avx2();
 #endif
 #endif
-  }
   return spmm_kernels_portable();
 }
 

@@ -21,9 +21,13 @@ struct Isa {
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+  // Two 256-bit gathers, not one 512-bit: on AMD Zen 4 the 512-bit gather made
+  // the csr row kernel (M = 1, 4096 x 4096, 90% zeros) 10% slower than AVX2's.
   static F gather_u16(const float* x, const uint16_t* ix) {
-    const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix)));
-    return _mm512_i32gather_ps(idx, x, 4);
+    const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ix)));
+    const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ix + 8)));
+    const __m256 a = _mm256_i32gather_ps(x, lo, 4), b = _mm256_i32gather_ps(x, hi, 4);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
   }
   // 8 consecutive 2:4 groups: 32 activations, two 16-bit meta words; one
   // two-source permute picks the 16 nonzeros' activations.
