@@ -310,7 +310,6 @@ class SharedDense(Dense):
             weights[self.bias].CopyFrom(numpy_helper.from_array(solved[len(free):].astype(np.float32), self.bias))
         return result.before, result.after, how
 
-
     def _refit_by_column(self, weights, damping) -> tuple[float, float, str]:
         """Per-channel codebooks: no value is read by two output columns, so the normal equations
         split into one small system per column (its own values and bias), solved as a batch."""
@@ -319,26 +318,31 @@ class SharedDense(Dense):
         k, n = self.positions.shape
         columns = [np.unique(self.positions[:, c], return_inverse=True) for c in range(n)]
         width = max(len(used) for used, _ in columns)
-        onehot = np.zeros((k, n, width))  # onehot[i, c, l]: weight (i, c) reads column c's l-th value
+        local = np.stack([codes.reshape(-1) for _, codes in columns], axis=1)  # [K, N]: position within the column
         start = np.zeros((n, width))
         free = np.zeros((n, width), bool)
-        for c, (used, local) in enumerate(columns):
-            onehot[np.arange(k), c, local.reshape(-1)] = 1.0
+        for c, (used, _) in enumerate(columns):
             start[c, :len(used)] = flat[used]
             free[c, :len(used)] = flat[used] != 0  # the 0.0 that `cluster` keeps for pruned weights stays
         biased = self.bias is not None
         target = _stack(self.original_weight, self.original_bias)
+        step = max(1, _ONEHOT_ELEMENTS // (k * width))  # columns per chunk: bounds the one-hot's memory
         grams, rhs, energy = [], [], []
         for fold in range(FOLDS):
             inner, cross, outer = (self.sums[key].grams[fold].total() for key in ("inner", "cross", "outer"))
             if not biased:
                 inner, cross, outer = inner[:-1, :-1], cross[:-1, :-1], outer[:-1, :-1]
-            spread = (inner[:k, :k] @ onehot.reshape(k, -1)).reshape(k, n, width)
-            a = np.einsum("icl,icm->clm", onehot, spread)
             right = cross @ target
-            b = np.einsum("icl,ic->cl", onehot, right[:k])
+            a, b = np.empty((n, width, width)), np.empty((n, width))
+            for c0 in range(0, n, step):
+                c1 = min(n, c0 + step)
+                onehot = np.zeros((k, c1 - c0, width))  # [i, c, l]: weight (i, c) reads column c's l-th value
+                np.put_along_axis(onehot, local[:, c0:c1, None], 1.0, axis=2)
+                spread = (inner[:k, :k] @ onehot.reshape(k, -1)).reshape(onehot.shape)
+                a[c0:c1] = np.einsum("icl,icm->clm", onehot, spread)
+                b[c0:c1] = np.einsum("icl,ic->cl", onehot, right[:k, c0:c1])
             if biased:
-                mixed = np.einsum("icl,i->cl", onehot, inner[:k, k])
+                mixed = np.stack([np.bincount(local[:, c], weights=inner[:k, k], minlength=width) for c in range(n)])
                 a = np.concatenate([np.concatenate([a, mixed[:, :, None]], axis=2),
                                     np.concatenate([mixed[:, None, :], np.full((n, 1, 1), inner[k, k])], axis=2)],
                                    axis=1)
@@ -369,7 +373,7 @@ class SharedDense(Dense):
 
 def _private_columns(positions: np.ndarray) -> bool:
     """Whether each codebook value is read by one output column only (per-channel codebooks)."""
-    k, n = positions.shape
+    n = positions.shape[1]
     owner = np.full(int(positions.max()) + 1, -1)
     owner[positions] = np.broadcast_to(np.arange(n), positions.shape)
     return bool(np.all(owner[positions] == np.arange(n)[None, :])) and n > 1
@@ -377,6 +381,7 @@ def _private_columns(positions: np.ndarray) -> bool:
 
 # A clustered layer with shared codebooks needs one K x K x N product per codebook value.
 _MAX_SHARED_VALUES = 256
+_ONEHOT_ELEMENTS = 2**22  # per-column refits build their one-hot code matrices in chunks of this size (32 MB)
 
 
 @dataclass(eq=False)
@@ -698,8 +703,7 @@ def _shared_layer(node, original, model, reference, weights, original_values, us
             or original.input[0] not in original_tappable or original.output[0] not in original_tappable:
         notes.append(Note(where, "not refit: shared codebook or an input that cannot be observed"))
         return None
-    transposed_positions = positions.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else positions
-    if len(np.unique(positions)) > _MAX_SHARED_VALUES and not _private_columns(transposed_positions):
+    if len(np.unique(positions)) > _MAX_SHARED_VALUES and not _private_columns(positions.T if transposed else positions):
         notes.append(Note(where, f"not refit: more than {_MAX_SHARED_VALUES} values shared across output columns"))
         return None
     channels = np.arange(before.shape[0 if transposed else 1])
