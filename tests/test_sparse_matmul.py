@@ -253,7 +253,8 @@ def test_dispatch_follows_the_cpu(monkeypatch):
     elif flags:
         assert isa == "portable"
     monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "avx2")
-    assert _isa() == ("avx2" if {"avx2", "fma"} <= flags else "portable")
+    if flags:  # /proc/cpuinfo read: the cap leaves AVX2 where the CPU has it
+        assert _isa() == ("avx2" if {"avx2", "fma"} <= flags else "portable")
     monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "portable")
     assert _isa() == "portable"
     monkeypatch.delenv("ONNXSHRINK_MAX_ISA")
