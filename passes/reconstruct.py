@@ -227,6 +227,15 @@ class Dense:
                      "cross": pool.setdefault(("cross", now, then), _InputGram(now, then, k_now, k_then)),
                      "outer": pool.setdefault(("outer", then), _InputGram(then, None, k_then))}
 
+    def _folds(self, target: np.ndarray, biased: bool):
+        """Per fold: (X'^T X', X'^T Y, ||Y||^2) for Y = [X 1] target, from the streamed Grams; the ones
+        column (the bias's input) is kept only where a bias is fit."""
+        for fold in range(FOLDS):
+            inner, cross, outer = (self.sums[key].grams[fold].total() for key in ("inner", "cross", "outer"))
+            if not biased:  # the Gram matrices carry a ones column either way; drop it
+                inner, cross, outer = inner[:-1, :-1], cross[:-1, :-1], outer[:-1, :-1]
+            yield inner, cross @ target, np.sum(target * (outer @ target))
+
     def refit(self, model, weights, damping, taken) -> tuple[float, float, str]:
         current = numpy_helper.to_array(weights[self.weight]).astype(np.float64)
         current = current.T if self.transposed else current
@@ -234,13 +243,10 @@ class Dense:
         target = _stack(self.original_weight, self.original_bias)  # [K(+1), N']
         start = _stack(current, numpy_helper.to_array(weights[self.bias]).astype(np.float64) if biased else None)
         grams, rhs, energy = [], [], []
-        for fold in range(FOLDS):
-            inner, cross, outer = (self.sums[key].grams[fold].total() for key in ("inner", "cross", "outer"))
-            if not biased:  # the Gram matrices carry a ones column either way; drop it
-                inner, cross, outer = inner[:-1, :-1], cross[:-1, :-1], outer[:-1, :-1]
+        for inner, right, fold_energy in self._folds(target, biased):
             grams.append(inner[None])  # one group
-            rhs.append((cross @ target)[None])
-            energy.append(np.sum(target * (outer @ target)))
+            rhs.append(right[None])
+            energy.append(fold_energy)
         support = start != 0
         if biased:
             support[-1] = True
@@ -278,11 +284,7 @@ class SharedDense(Dense):
         k, n = self.positions.shape
         target = _stack(self.original_weight, self.original_bias)
         grams, rhs, energy = [], [], []
-        for fold in range(FOLDS):
-            inner, cross, outer = (self.sums[key].grams[fold].total() for key in ("inner", "cross", "outer"))
-            if not biased:
-                inner, cross, outer = inner[:-1, :-1], cross[:-1, :-1], outer[:-1, :-1]
-            right = cross @ target
+        for inner, right, fold_energy in self._folds(target, biased):
             spread = [inner[:k, :k] @ m for m in masks]
             a = np.array([[np.sum(m * s) for m in masks] for s in spread])
             b = np.array([np.sum(m * right[:k]) for m in masks])
@@ -292,7 +294,7 @@ class SharedDense(Dense):
                 b = np.concatenate([b, right[k]])
             grams.append(a[None])
             rhs.append(b[None, :, None])
-            energy.append(np.sum(target * (outer @ target)))
+            energy.append(fold_energy)
         start = flat[free]
         if biased:
             start = np.concatenate([start, numpy_helper.to_array(weights[self.bias]).astype(np.float64).reshape(-1)])
@@ -328,11 +330,7 @@ class SharedDense(Dense):
         target = _stack(self.original_weight, self.original_bias)
         step = max(1, _ONEHOT_ELEMENTS // (k * width))  # columns per chunk: bounds the one-hot's memory
         grams, rhs, energy = [], [], []
-        for fold in range(FOLDS):
-            inner, cross, outer = (self.sums[key].grams[fold].total() for key in ("inner", "cross", "outer"))
-            if not biased:
-                inner, cross, outer = inner[:-1, :-1], cross[:-1, :-1], outer[:-1, :-1]
-            right = cross @ target
+        for inner, right, fold_energy in self._folds(target, biased):
             a, b = np.empty((n, width, width)), np.empty((n, width))
             for c0 in range(0, n, step):
                 c1 = min(n, c0 + step)
@@ -349,7 +347,7 @@ class SharedDense(Dense):
                 b = np.concatenate([b, right[k][:, None]], axis=1)
             grams.append(a)
             rhs.append(b[:, :, None])
-            energy.append(np.sum(target * (outer @ target)))
+            energy.append(fold_energy)
         support = free
         if biased:
             bias = numpy_helper.to_array(weights[self.bias]).astype(np.float64).reshape(-1)
