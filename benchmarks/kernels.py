@@ -26,7 +26,6 @@ to time the AVX2 kernels on an AVX-512 machine. `--quick`:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import platform
 import sys
@@ -262,14 +261,9 @@ def cpu_name() -> str:
 
 
 def kernel_variants() -> str:
-    """The variant each op would pick for a session created now (the library's diagnostic exports)."""
-    library = ctypes.CDLL(ops.library_path())
-    picked = []
-    for op, symbol in (("SparseMatMul", "OnnxShrinkSparseMatMulIsa"), ("LowBitMatMul", "OnnxShrinkLowBitMatMulIsa")):
-        function = getattr(library, symbol)
-        function.restype = ctypes.c_char_p
-        picked.append(f"{op} {function().decode()}")
-    return ", ".join(picked)
+    """The variant each op would pick for a session created now."""
+    return ", ".join(f"{op} {ops.kernel_variant(symbol)}" for op, symbol in
+                     (("SparseMatMul", "OnnxShrinkSparseMatMulIsa"), ("LowBitMatMul", "OnnxShrinkLowBitMatMulIsa")))
 
 
 def main() -> int:

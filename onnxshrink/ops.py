@@ -50,6 +50,16 @@ def library_path() -> str:
     return path
 
 
+def kernel_variant(symbol: str) -> str:
+    """The kernel variant ("portable", "avx2", "avx512") a session created now would use, from one of the
+    library's diagnostic exports: OnnxShrinkSelectedIsa, OnnxShrinkSparseMatMulIsa, OnnxShrinkLowBitMatMulIsa."""
+    import ctypes
+
+    function = getattr(ctypes.CDLL(library_path()), symbol)
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
 def session(
     model: Union[str, os.PathLike, bytes, Any],
     providers: Optional[Sequence[Any]] = None,
