@@ -57,12 +57,19 @@ bool EnvFlag(const char* name) {
   return v && *v && std::strcmp(v, "0") != 0;
 }
 
+// Dispatch levels, lowest first; "avx512_bf16" is AVX-512 plus its BF16 kernels.
+static int IsaRank(const char* isa) {
+  static const char* const kLevels[] = {"portable", "avx2", "avx512", "avx512_bf16"};
+  for (int i = 0; i < 4; ++i)
+    if (std::strcmp(isa, kLevels[i]) == 0) return i;
+  return 0;  // a name we do not know: the always-built fallback
+}
+
 bool IsaAllowed(const char* isa) {
   if (EnvFlag("ONNXSHRINK_FORCE_PORTABLE")) return false;
   const char* cap = std::getenv("ONNXSHRINK_MAX_ISA");
-  if (!cap || !*cap || std::strcmp(cap, "avx512") == 0) return true;
-  if (std::strcmp(cap, "avx2") == 0) return std::strcmp(isa, "avx2") == 0;
-  return false;  // "portable", or a name we do not know: the always-built fallback
+  if (!cap || !*cap) return true;
+  return IsaRank(isa) <= IsaRank(cap);
 }
 
 Ort::Status MakeError(const std::string& msg, OrtErrorCode code) { return Ort::Status(msg.c_str(), code); }

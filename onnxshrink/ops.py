@@ -51,7 +51,7 @@ def library_path() -> str:
 
 
 def kernel_variant(symbol: str) -> str:
-    """The kernel variant ("portable", "avx2", "avx512") a session created now would use, from one of the
+    """The kernel variant ("portable", "avx2", "avx512", "avx512_bf16") a session created now would use, from one of the
     library's diagnostic exports: OnnxShrinkSelectedIsa, OnnxShrinkSparseMatMulIsa, OnnxShrinkLowBitMatMulIsa."""
     import ctypes
 

@@ -207,6 +207,22 @@ def test_op_matches_reference(bits, mode):
 
 
 @needs_lib
+@pytest.mark.parametrize("bits", [2, 4])
+def test_float_gemv_every_block_and_row_count(bits):
+    """The float gemv (M < 12) on blocks smaller than, equal to and larger than the BF16 kernel's
+    128-code span (16..256), blocks it leaves to the float32 kernel (48, 96), K ending mid-span and
+    mid-block, 1 to 11 rows (its 4-row passes and their remainders), N not a multiple of its 4
+    columns: whichever kernel this CPU picks."""
+    cases = [(1000, 33, 16), (2100, 7, 32), (130, 9, 64), (777, 13, 128), (1100, 5, 256), (500, 6, 48), (300, 5, 96)]
+    for k, n, block in cases:
+        for mode in ("linear", "zp"):
+            for m in (1, 2, 3, 5, 11):
+                model, a, ref = lowbit_case(k, n, (m,), bits, block, mode, seed=k + m)
+                (y,) = ops.session(model, intra_op_num_threads=2).run(None, {"A": a})
+                assert_close(y, ref, f"bits={bits} K={k} N={n} block={block} {mode} M={m}")
+
+
+@needs_lib
 def test_int8_activations_match_their_reference():
     _check_int8_cases()
 
@@ -261,10 +277,26 @@ def test_op_matches_reference_capped_at_avx2(tmp_path):
 
 
 @needs_lib
+def test_op_matches_reference_capped_at_avx512(tmp_path):
+    """On a CPU with AVX-512 BF16 the float gemv of 2/4-bit weights runs on vdpbf16ps; the AVX-512 F
+    kernels it replaces still serve CPUs without BF16 (Skylake-X, Ice Lake): ONNXSHRINK_MAX_ISA=avx512
+    runs them here."""
+    if not {"avx512f", "avx512bw", "avx512vl", "fma"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX-512")
+    assert_cases_pass_under("test_lowbit_matmul", "_isa", tmp_path, {"ONNXSHRINK_MAX_ISA": "avx512"}, "avx512")
+
+
+@needs_lib
 def test_dispatch_env_var(monkeypatch):
     monkeypatch.delenv("ONNXSHRINK_FORCE_PORTABLE", raising=False)
     monkeypatch.delenv("ONNXSHRINK_MAX_ISA", raising=False)
-    assert _isa() in ("portable", "avx2", "avx512")
+    isa = _isa()
+    assert isa in ("portable", "avx2", "avx512", "avx512_bf16")
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16"} <= flags:
+        assert isa == "avx512_bf16"  # the library is built with the BF16 kernels wherever GCC/Clang can
+    monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "avx512_bf16")
+    assert _isa() == isa
     monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "portable")
     assert _isa() == "portable"
     monkeypatch.delenv("ONNXSHRINK_MAX_ISA")

@@ -99,6 +99,9 @@ const LbKernels& select_lowbit_kernels() {
 #ifdef ONNXSHRINK_HAVE_AVX512
   if (IsaAllowed("avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+#ifdef ONNXSHRINK_HAVE_AVX512_BF16
+    if (IsaAllowed("avx512_bf16") && __builtin_cpu_supports("avx512bf16")) return lowbit_kernels_avx512_bf16();
+#endif
     return lowbit_kernels_avx512();
   }
 #endif
@@ -204,6 +207,7 @@ Ort::Status LowBitMatMulCpu::Compute(OrtKernelContext* ctx, const Ort::Custom::T
       ParallelFor(ctx, &RunRows, (args.M + rows.chunk - 1) / rows.chunk, &rows);
     }
     const bool gemm = !int8 && args.M >= kGemmMinRows;
+    if (!int8 && !gemm && kernels.prepare_float) kernels.prepare_float(args);
     // Tasks of >= ~128K multiply-adds (at most 64; ORT batches them over its
     // threads); gemm chunks are whole panels.
     const int64_t align = gemm ? kernels.panel : 8;

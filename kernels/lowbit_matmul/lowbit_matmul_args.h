@@ -48,6 +48,12 @@ struct LbArgs {
   // [M, xq_blocks]: float(2^(bits-1) * xqsum), the default zero point's term
   // (exact: |.| < 2^24), for kernels that subtract it after the convert.
   float* xqzp = nullptr;
+  // Float activations prepared once per call by LbKernels::prepare_float (null
+  // when that kernel set has none or does not take the case); the layout is
+  // the preparing ISA's: rows xbf_row words apart, their sums xbf_sums_row apart.
+  const uint16_t* xbf = nullptr;
+  const float* xbf_sums = nullptr;
+  int64_t xbf_row = 0, xbf_sums_row = 0;
 };
 
 // The AVX2 int8 kernel reduces the sums of 8 blocks into one vector at a time.
@@ -77,6 +83,9 @@ struct LbKernels {
   void (*gemv_int8)(const LbArgs&, int64_t n0, int64_t n1);
   // Whether gemv_int8 takes this width and block size; others use the portable one.
   bool (*int8_takes)(int bits, int64_t block);
+  // Float activations, M < kGemmMinRows: rearranges A once per call, on the
+  // calling thread, for `gemv` (sets a.xbf where it takes the case). Optional.
+  void (*prepare_float)(LbArgs& a) = nullptr;
 };
 
 const LbKernels& lowbit_kernels_portable();
@@ -89,6 +98,13 @@ bool lowbit_int8_takes_avx2(int bits, int64_t block);
 #endif
 #ifdef ONNXSHRINK_HAVE_AVX512
 const LbKernels& lowbit_kernels_avx512();
+#endif
+#ifdef ONNXSHRINK_HAVE_AVX512_BF16
+// The AVX-512 table with the float gemv of 2/4-bit linear weights on vdpbf16ps
+// (lowbit_matmul_bf16.cc); other cases keep the AVX-512 F kernels.
+const LbKernels& lowbit_kernels_avx512_bf16();
+void lowbit_prepare_bf16(LbArgs& a);                                  // sets a.xbf where it takes the case
+void lowbit_gemv_bf16(const LbArgs& a, int64_t n0, int64_t n1);  // needs a.xbf
 #endif
 
 // Best variant for this CPU, honouring ONNXSHRINK_FORCE_PORTABLE=1 (read on

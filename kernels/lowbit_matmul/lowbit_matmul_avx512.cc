@@ -108,4 +108,22 @@ const LbKernels& lowbit_kernels_avx512() {
   return lowbit_avx512::kernels("avx512", &lowbit_int8_prepare_avx2, &lowbit_int8_gemv_avx2,
                                 &lowbit_int8_takes_avx2);
 }
+
+#ifdef ONNXSHRINK_HAVE_AVX512_BF16
+static void gemv_bf16_or_f32(const LbArgs& a, int64_t n0, int64_t n1) {
+  if (a.xbf) lowbit_gemv_bf16(a, n0, n1);  // lowbit_prepare_bf16 took the case
+  else lowbit_avx512::gemv(a, n0, n1);
+}
+
+const LbKernels& lowbit_kernels_avx512_bf16() {
+  static const LbKernels table = [] {
+    LbKernels t = lowbit_kernels_avx512();
+    t.isa = "avx512_bf16";
+    t.gemv = &gemv_bf16_or_f32;
+    t.prepare_float = &lowbit_prepare_bf16;
+    return t;
+  }();
+  return table;
+}
+#endif
 }  // namespace onnxshrink
