@@ -273,7 +273,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None, help="interleaved timed rounds (default 20)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the MiniLM end-to-end case")
     parser.add_argument("--shapes", nargs="*", default=None, metavar="KxN", help="only these weight shapes, e.g. 4096x4096")
-    parser.add_argument("--max-isa", choices=("avx512_bf16", "avx512", "avx2", "portable"), default=None,
+    parser.add_argument("--max-isa", choices=("avx512_bf16", "avx512_vnni", "avx512", "avx2", "portable"), default=None,
                         help="cap the op library's kernel choice (sets ONNXSHRINK_MAX_ISA)")
     args = parser.parse_args()
     if args.max_isa:

@@ -57,10 +57,11 @@ bool EnvFlag(const char* name) {
   return v && *v && std::strcmp(v, "0") != 0;
 }
 
-// Dispatch levels, lowest first; "avx512_bf16" is AVX-512 plus its BF16 kernels.
+// Dispatch levels, lowest first; "avx512_vnni" and "avx512_bf16" add LowBitMatMul
+// kernels for those extensions (every CPU with BF16 has VNNI).
 static int IsaRank(const char* isa) {
-  static const char* const kLevels[] = {"portable", "avx2", "avx512", "avx512_bf16"};
-  for (int i = 0; i < 4; ++i)
+  static const char* const kLevels[] = {"portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16"};
+  for (int i = 0; i < 5; ++i)
     if (std::strcmp(isa, kLevels[i]) == 0) return i;
   return 0;  // a name we do not know: the always-built fallback
 }

@@ -23,9 +23,10 @@ std::string NodeName(const OrtApi* api, const OrtKernelInfo* info);
 // An environment variable set to anything but "" or "0".
 bool EnvFlag(const char* name);
 
-// Whether run-time dispatch may pick `isa` ("avx2", "avx512" or "avx512_bf16"):
-// ONNXSHRINK_FORCE_PORTABLE=1 allows none; ONNXSHRINK_MAX_ISA=portable|avx2|avx512|avx512_bf16
-// caps the choice, so one machine can compare its ISAs (the CPU flags are checked separately).
+// Whether run-time dispatch may pick `isa` ("avx2", "avx512", "avx512_vnni" or "avx512_bf16"):
+// ONNXSHRINK_FORCE_PORTABLE=1 allows none; ONNXSHRINK_MAX_ISA=portable|avx2|avx512|avx512_vnni|
+// avx512_bf16 caps the choice, so one machine can compare its ISAs (the CPU flags are checked
+// separately).
 bool IsaAllowed(const char* isa);
 
 Ort::Status MakeError(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT);

@@ -278,9 +278,9 @@ def test_op_matches_reference_capped_at_avx2(tmp_path):
 
 @needs_lib
 def test_op_matches_reference_capped_at_avx512(tmp_path):
-    """On a CPU with AVX-512 BF16 the float gemv of 2/4-bit weights runs on vdpbf16ps; the AVX-512 F
-    kernels it replaces still serve CPUs without BF16 (Skylake-X, Ice Lake): ONNXSHRINK_MAX_ISA=avx512
-    runs them here."""
+    """On a CPU with AVX-512 BF16 and VNNI the float gemv of 2/4-bit weights runs on vdpbf16ps and
+    the int8 one on vpdpbusd; the AVX-512 F float kernels and the vpmaddubsw int8 ones still serve
+    CPUs without them (Skylake-X): ONNXSHRINK_MAX_ISA=avx512 runs them here."""
     if not {"avx512f", "avx512bw", "avx512vl", "fma"} <= cpu_flags():
         pytest.skip("this CPU has no AVX-512")
     assert_cases_pass_under("test_lowbit_matmul", "_isa", tmp_path, {"ONNXSHRINK_MAX_ISA": "avx512"}, "avx512")
@@ -291,10 +291,12 @@ def test_dispatch_env_var(monkeypatch):
     monkeypatch.delenv("ONNXSHRINK_FORCE_PORTABLE", raising=False)
     monkeypatch.delenv("ONNXSHRINK_MAX_ISA", raising=False)
     isa = _isa()
-    assert isa in ("portable", "avx2", "avx512", "avx512_bf16")
+    assert isa in ("portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16")
     flags = cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16"} <= flags:
-        assert isa == "avx512_bf16"  # the library is built with the BF16 kernels wherever GCC/Clang can
+    if {"avx512f", "avx512bw", "avx512vl", "fma", "avx512_vnni"} <= flags:  # built wherever GCC/Clang can
+        assert isa == ("avx512_bf16" if "avx512_bf16" in flags else "avx512_vnni")
+        monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "avx512_vnni")
+        assert _isa() == "avx512_vnni"
     monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "avx512_bf16")
     assert _isa() == isa
     monkeypatch.setenv("ONNXSHRINK_MAX_ISA", "portable")

@@ -99,8 +99,13 @@ const LbKernels& select_lowbit_kernels() {
 #ifdef ONNXSHRINK_HAVE_AVX512
   if (IsaAllowed("avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+#ifdef ONNXSHRINK_HAVE_AVX512_VNNI
+    if (IsaAllowed("avx512_vnni") && __builtin_cpu_supports("avx512vnni")) {
 #ifdef ONNXSHRINK_HAVE_AVX512_BF16
-    if (IsaAllowed("avx512_bf16") && __builtin_cpu_supports("avx512bf16")) return lowbit_kernels_avx512_bf16();
+      if (IsaAllowed("avx512_bf16") && __builtin_cpu_supports("avx512bf16")) return lowbit_kernels_avx512_bf16();
+#endif
+      return lowbit_kernels_avx512_vnni();
+    }
 #endif
     return lowbit_kernels_avx512();
   }

@@ -99,9 +99,18 @@ bool lowbit_int8_takes_avx2(int bits, int64_t block);
 #ifdef ONNXSHRINK_HAVE_AVX512
 const LbKernels& lowbit_kernels_avx512();
 #endif
+#ifdef ONNXSHRINK_HAVE_AVX512_VNNI
+// The AVX2 int8 kernels with vpdpbusd (lowbit_matmul_vnni.cc), and the AVX-512
+// table that uses them.
+void lowbit_int8_prepare_vnni(const LbArgs&, int64_t m0, int64_t m1);
+void lowbit_int8_gemv_vnni(const LbArgs&, int64_t n0, int64_t n1);
+bool lowbit_int8_takes_vnni(int bits, int64_t block);
+const LbKernels& lowbit_kernels_avx512_vnni();
+#endif
 #ifdef ONNXSHRINK_HAVE_AVX512_BF16
-// The AVX-512 table with the float gemv of 2/4-bit linear weights on vdpbf16ps
-// (lowbit_matmul_bf16.cc); other cases keep the AVX-512 F kernels.
+// The AVX-512 VNNI table with the float gemv of 2/4-bit linear weights on
+// vdpbf16ps (lowbit_matmul_bf16.cc); other cases keep the AVX-512 F kernels.
+// Built only with the VNNI TU: every CPU with AVX-512 BF16 has VNNI.
 const LbKernels& lowbit_kernels_avx512_bf16();
 void lowbit_prepare_bf16(LbArgs& a);                                  // sets a.xbf where it takes the case
 void lowbit_gemv_bf16(const LbArgs& a, int64_t n0, int64_t n1);  // needs a.xbf

@@ -103,11 +103,21 @@ struct Isa {
 #include "lowbit_matmul_simd.h"
 
 namespace onnxshrink {
-// accuracy_level 4 reuses the AVX2 integer kernels (every AVX-512 CPU has AVX2).
+// accuracy_level 4 reuses the AVX2 integer kernels (every AVX-512 CPU has AVX2),
+// with vpdpbusd where the CPU has VNNI.
 const LbKernels& lowbit_kernels_avx512() {
-  return lowbit_avx512::kernels("avx512", &lowbit_int8_prepare_avx2, &lowbit_int8_gemv_avx2,
-                                &lowbit_int8_takes_avx2);
+  static const LbKernels table = lowbit_avx512::kernels("avx512", &lowbit_int8_prepare_avx2,
+                                                        &lowbit_int8_gemv_avx2, &lowbit_int8_takes_avx2);
+  return table;
 }
+
+#ifdef ONNXSHRINK_HAVE_AVX512_VNNI
+const LbKernels& lowbit_kernels_avx512_vnni() {
+  static const LbKernels table = lowbit_avx512::kernels("avx512_vnni", &lowbit_int8_prepare_vnni,
+                                                        &lowbit_int8_gemv_vnni, &lowbit_int8_takes_vnni);
+  return table;
+}
+#endif
 
 #ifdef ONNXSHRINK_HAVE_AVX512_BF16
 static void gemv_bf16_or_f32(const LbArgs& a, int64_t n0, int64_t n1) {
@@ -117,7 +127,7 @@ static void gemv_bf16_or_f32(const LbArgs& a, int64_t n0, int64_t n1) {
 
 const LbKernels& lowbit_kernels_avx512_bf16() {
   static const LbKernels table = [] {
-    LbKernels t = lowbit_kernels_avx512();
+    LbKernels t = lowbit_kernels_avx512_vnni();
     t.isa = "avx512_bf16";
     t.gemv = &gemv_bf16_or_f32;
     t.prepare_float = &lowbit_prepare_bf16;

@@ -363,11 +363,10 @@ static void gemm(const LbArgs& a, int64_t n0, int64_t n1) {
   else gemm_any<false>(a, n0, n1);
 }
 
-static const LbKernels& kernels(const char* isa_name, void (*prepare_int8)(const LbArgs&, int64_t, int64_t),
-                                void (*gemv_int8)(const LbArgs&, int64_t, int64_t),
-                                bool (*int8_takes)(int, int64_t)) {
-  static const LbKernels table{isa_name, kPanel, &gemv, &gemm, prepare_int8, gemv_int8, int8_takes};
-  return table;
+// This ISA's float kernels with the given int8 ones (callers keep the table in a static).
+static LbKernels kernels(const char* isa_name, void (*prepare_int8)(const LbArgs&, int64_t, int64_t),
+                         void (*gemv_int8)(const LbArgs&, int64_t, int64_t), bool (*int8_takes)(int, int64_t)) {
+  return LbKernels{isa_name, kPanel, &gemv, &gemm, prepare_int8, gemv_int8, int8_takes};
 }
 
 }  // namespace ONNXSHRINK_LOWBIT_NAMESPACE
