@@ -54,6 +54,10 @@ struct LbArgs {
   const uint16_t* xbf = nullptr;
   const float* xbf_sums = nullptr;
   int64_t xbf_row = 0, xbf_sums_row = 0;
+  // The same for the int8-digit form (lowbit_matmul_digits.cc).
+  const int8_t* xdig = nullptr;
+  const float* xdig_lanes = nullptr;
+  int64_t xdig_row = 0, xdig_lanes_row = 0;
 };
 
 // The AVX2 int8 kernel reduces the sums of 8 blocks into one vector at a time.
@@ -108,12 +112,15 @@ bool lowbit_int8_takes_vnni(int bits, int64_t block);
 const LbKernels& lowbit_kernels_avx512_vnni();
 #endif
 #ifdef ONNXSHRINK_HAVE_AVX512_BF16
-// The AVX-512 VNNI table with the float gemv of 2/4-bit linear weights on
-// vdpbf16ps (lowbit_matmul_bf16.cc); other cases keep the AVX-512 F kernels.
+// The AVX-512 VNNI table with the float gemv of 4-bit linear weights on
+// vdpbf16ps (lowbit_matmul_bf16.cc) and of 2-bit ones on vpdpbusd with int8
+// digits (lowbit_matmul_digits.cc); other cases keep the AVX-512 F kernels.
 // Built only with the VNNI TU: every CPU with AVX-512 BF16 has VNNI.
 const LbKernels& lowbit_kernels_avx512_bf16();
-void lowbit_prepare_bf16(LbArgs& a);                                  // sets a.xbf where it takes the case
-void lowbit_gemv_bf16(const LbArgs& a, int64_t n0, int64_t n1);  // needs a.xbf
+void lowbit_prepare_bf16(LbArgs& a);                               // sets a.xbf where it takes the case
+void lowbit_gemv_bf16(const LbArgs& a, int64_t n0, int64_t n1);    // needs a.xbf
+void lowbit_prepare_digits(LbArgs& a);                             // sets a.xdig where it takes the case
+void lowbit_gemv_digits(const LbArgs& a, int64_t n0, int64_t n1);  // needs a.xdig
 #endif
 
 // Best variant for this CPU, honouring ONNXSHRINK_FORCE_PORTABLE=1 (read on

@@ -120,8 +120,16 @@ const LbKernels& lowbit_kernels_avx512_vnni() {
 #endif
 
 #ifdef ONNXSHRINK_HAVE_AVX512_BF16
-static void gemv_bf16_or_f32(const LbArgs& a, int64_t n0, int64_t n1) {
-  if (a.xbf) lowbit_gemv_bf16(a, n0, n1);  // lowbit_prepare_bf16 took the case
+// Float activations, M < kGemmMinRows: 4 bits through bf16, 2 bits through
+// int8 digits, the rest (and blocks those kernels leave) in float32.
+static void prepare_float(LbArgs& a) {
+  lowbit_prepare_bf16(a);
+  lowbit_prepare_digits(a);
+}
+
+static void gemv_float(const LbArgs& a, int64_t n0, int64_t n1) {
+  if (a.xbf) lowbit_gemv_bf16(a, n0, n1);
+  else if (a.xdig) lowbit_gemv_digits(a, n0, n1);
   else lowbit_avx512::gemv(a, n0, n1);
 }
 
@@ -129,8 +137,8 @@ const LbKernels& lowbit_kernels_avx512_bf16() {
   static const LbKernels table = [] {
     LbKernels t = lowbit_kernels_avx512_vnni();
     t.isa = "avx512_bf16";
-    t.gemv = &gemv_bf16_or_f32;
-    t.prepare_float = &lowbit_prepare_bf16;
+    t.gemv = &gemv_float;
+    t.prepare_float = &prepare_float;
     return t;
   }();
   return table;

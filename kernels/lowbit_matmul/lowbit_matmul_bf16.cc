@@ -247,7 +247,7 @@ void gemv_bits(const LbArgs& a, int64_t n0, int64_t n1) {
 // buffers of the calling thread, which waits for the column tasks.
 void lowbit_prepare_bf16(LbArgs& a) {
   a.xbf = nullptr;
-  if (a.codebook || (a.bits != 2 && a.bits != 4) || a.M >= kGemmMinRows) return;
+  if (a.codebook || a.bits != 4 || a.M >= kGemmMinRows) return;  // 2 bits: lowbit_matmul_digits.cc
   if (a.block % kSpan != 0 && kSpan % a.block != 0) return;
   thread_local std::vector<uint16_t> words;
   thread_local std::vector<float> sums;
