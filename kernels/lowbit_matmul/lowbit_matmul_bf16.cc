@@ -1,14 +1,13 @@
-// AVX-512 BF16 gemv for float activations x 2- and 4-bit linear weights
-// (M < kGemmMinRows). Compiled with -mavx512f -mavx512bw -mavx512bf16 and
-// only called after a CPUID check.
+// AVX-512 BF16 gemv for float activations x 4-bit linear weights (M <
+// kGemmMinRows). Compiled with -mavx512f -mavx512bw -mavx512bf16 and only
+// called after a CPUID check. (2 bits: lowbit_matmul_digits.cc.)
 //
 // Why: the AVX-512 F gemv converts every code to float32 and spends about
 // nine instructions per 16 weights on it, so at M = 1 it ran at half the
-// speed the weight bytes allow. Here a "span" of 128 codes (64 bytes at 4
-// bits, 32 at 2, those widened to 16 bits) is 32 words of 4 codes each; a
-// shift per plane puts code 4 j + p in the low bits of word j, one vpermw turns
-// every word into the bf16 value (code - base), exact for these small integers,
-// and vdpbf16ps multiplies 32 of them at once.
+// speed the weight bytes allow. Here a "span" of 128 codes (64 bytes) is 32
+// words of 4 codes each; a shift per plane puts code 4 j + p in the low bits of
+// word j, one vpermw turns every word into the bf16 value (code - 8), exact
+// for these small integers, and vdpbf16ps multiplies 32 of them at once.
 //
 // Accuracy: the op promises float32 activations, and bf16 keeps only 8 bits,
 // so every activation is split into two bf16 parts, x = hi + lo (hi rounded
@@ -21,8 +20,7 @@
 // plane p's word j meets code 4 j + p. vdpbf16ps lane i adds words 2i and
 // 2i + 1, that is codes [8 i, 8 i + 8): each lane stays inside one block
 // (blocks are multiples of 16 codes), so scales and zero points apply per
-// lane, gathered by one permute. At 2 bits the per-code work is the same as at
-// 4 (the same planes and products); the gain of 2 bits is in the bytes read.
+// lane, gathered by one permute.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -35,11 +33,11 @@
 namespace onnxshrink {
 namespace {
 
-// A span: 128 codes (64 bytes at 4 bits, 32 at 2), as 32 words of 4 codes.
+// A span: 128 codes in 64 bytes, as 32 words of 4 codes.
 constexpr int kPlanes = 4;
 constexpr int64_t kSpan = 128;
-template <int BITS>
-constexpr int64_t kSpanBytes = kSpan * BITS / 8;
+constexpr int64_t kSpanBytes = 64;
+constexpr int kBase = 8;  // the default zero point of 4-bit codes
 
 inline int64_t span_count(const LbArgs& a) { return (a.n_blocks * a.block + kSpan - 1) / kSpan; }
 
@@ -87,13 +85,11 @@ inline uint16_t bf16_of(int v) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// vpermw table: entry j is bf16(float((j mod 2^BITS) - base)). vpermw reads 5
-// index bits; the bits above the code are neighbours' bits, and the repeats
-// absorb them.
-template <int BITS>
-__m512i code_table(int base) {
+// vpermw table: entry j is bf16(float((j mod 16) - 8)). vpermw reads 5 index
+// bits; the bit above the code is a neighbour's, and the repeat absorbs it.
+__m512i code_table() {
   alignas(64) uint16_t t[32];
-  for (int j = 0; j < 32; ++j) t[j] = bf16_of((j & ((1 << BITS) - 1)) - base);
+  for (int j = 0; j < 32; ++j) t[j] = bf16_of((j & 15) - kBase);
   return _mm512_load_si512(t);
 }
 
@@ -101,12 +97,11 @@ __m512i code_table(int base) {
 // `padded_last`: the tensor's last column with 64 bytes of zeros after it,
 // because a span may read past a column's last block (into the next column,
 // which meets zero activations; past the tensor's end it must not).
-template <int BITS, int R, int C, bool ZP>
+template <int R, int C, bool ZP>
 void gemv_rows(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n0, int64_t n1) {
   constexpr int P = kPlanes;
   constexpr int64_t S = kSpan;
-  const int base = 1 << (BITS - 1);
-  const __m512i table = code_table<BITS>(base);
+  const __m512i table = code_table();
   const int64_t spans = span_count(a);
   const int64_t column_bytes = a.n_blocks * a.block_bytes;
   // Lane i's block within its span, and the first block of span s.
@@ -115,7 +110,7 @@ void gemv_rows(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n
   for (int i = 0; i < 16; ++i) lane_block[i] = static_cast<int32_t>(a.block >= S ? 0 : lane_codes * i / a.block);
   const __m512i lane_index = _mm512_load_si512(lane_block);
   const int64_t blocks_per_span = a.block >= S ? 1 : S / a.block;
-  const __m512 base_f = _mm512_set1_ps(static_cast<float>(base));
+  const __m512 base_f = _mm512_set1_ps(static_cast<float>(kBase));
 
   const uint16_t* xw[R];
   const float* xl[R];
@@ -146,14 +141,13 @@ void gemv_rows(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n
       __m512i words[C];
 #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) {
-        const uint8_t* bytes = col[c] + s * kSpanBytes<BITS>;
-        words[c] = BITS == 4 ? _mm512_loadu_si512(bytes)
-                             : _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+        const uint8_t* bytes = col[c] + s * kSpanBytes;
+        words[c] = _mm512_loadu_si512(bytes);
         // The next pass's columns (C ahead), codes and scales, a cache line
         // at a time, into L2: at M = 1 the weights stream from DRAM. Measured
         // at 4096 x 4096, 4 bits, caches flushed: no prefetch 1.03-1.12 ms,
         // into L1 (T0) 0.82-0.89, into L2 (T1) 0.51-0.57 (compute alone: 0.46).
-        if (BITS == 4 || (s & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes + C * column_bytes), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + C * column_bytes), _MM_HINT_T1);
         if ((s & 3) == 0) {
           _mm_prefetch(reinterpret_cast<const char*>(scales[c] + b0 + C * a.n_blocks), _MM_HINT_T1);
           if (ZP) _mm_prefetch(reinterpret_cast<const char*>(zps[c] + b0 + C * a.n_blocks), _MM_HINT_T1);
@@ -166,7 +160,7 @@ void gemv_rows(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n
         __m512bh w[C];
 #pragma GCC unroll 4
         for (int c = 0; c < C; ++c) {
-          const __m512i plane = p == 0 ? words[c] : _mm512_srli_epi16(words[c], p * BITS);
+          const __m512i plane = p == 0 ? words[c] : _mm512_srli_epi16(words[c], 4 * p);
           w[c] = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(plane, table));
         }
 #pragma GCC unroll 4
@@ -206,22 +200,23 @@ void gemv_rows(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n
 }
 
 // C columns at a time (C = 4 / R: the accumulators fit the 32 registers), the remainder one by one.
-template <int BITS, int R, bool ZP>
+template <int R, bool ZP>
 void gemv_columns(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n0, int64_t n1) {
   constexpr int C = R == 1 ? 4 : R == 2 ? 2 : 1;
   const int64_t grouped = n0 + (n1 - n0) / C * C;
-  gemv_rows<BITS, R, C, ZP>(a, padded_last, m, n0, grouped);
-  if (grouped < n1) gemv_rows<BITS, R, 1, ZP>(a, padded_last, m, grouped, n1);
+  gemv_rows<R, C, ZP>(a, padded_last, m, n0, grouped);
+  if (grouped < n1) gemv_rows<R, 1, ZP>(a, padded_last, m, grouped, n1);
 }
 
-template <int BITS, int R>
+template <int R>
 void gemv_zp(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n0, int64_t n1) {
-  if (a.zero_points) gemv_columns<BITS, R, true>(a, padded_last, m, n0, n1);
-  else gemv_columns<BITS, R, false>(a, padded_last, m, n0, n1);
+  if (a.zero_points) gemv_columns<R, true>(a, padded_last, m, n0, n1);
+  else gemv_columns<R, false>(a, padded_last, m, n0, n1);
 }
 
-template <int BITS>
-void gemv_bits(const LbArgs& a, int64_t n0, int64_t n1) {
+}  // namespace
+
+void lowbit_gemv_bf16(const LbArgs& a, int64_t n0, int64_t n1) {
   thread_local std::vector<uint8_t> last_column;
   const int64_t column_bytes = a.n_blocks * a.block_bytes;
   if (n1 == a.N) {  // this task reads the tensor's last column
@@ -231,19 +226,17 @@ void gemv_bits(const LbArgs& a, int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < a.M;) {
     const int rows = static_cast<int>(std::min<int64_t>(4, a.M - m));
     switch (rows) {
-      case 4: gemv_zp<BITS, 4>(a, last_column.data(), m, n0, n1); break;
-      case 3: gemv_zp<BITS, 3>(a, last_column.data(), m, n0, n1); break;
-      case 2: gemv_zp<BITS, 2>(a, last_column.data(), m, n0, n1); break;
-      default: gemv_zp<BITS, 1>(a, last_column.data(), m, n0, n1); break;
+      case 4: gemv_zp<4>(a, last_column.data(), m, n0, n1); break;
+      case 3: gemv_zp<3>(a, last_column.data(), m, n0, n1); break;
+      case 2: gemv_zp<2>(a, last_column.data(), m, n0, n1); break;
+      default: gemv_zp<1>(a, last_column.data(), m, n0, n1); break;
     }
     m += rows;
   }
 }
 
-}  // namespace
-
-// Takes 2 and 4 bits, linear weights, blocks that tile a span evenly (one
-// divides the other: 16, 32, 64, 128, ...), M < kGemmMinRows. The rows live in
+// Takes 4 bits, linear weights, blocks that tile a span evenly (one divides
+// the other: 16, 32, 64, 128, ...), M < kGemmMinRows. The rows live in
 // buffers of the calling thread, which waits for the column tasks.
 void lowbit_prepare_bf16(LbArgs& a) {
   a.xbf = nullptr;
@@ -263,11 +256,6 @@ void lowbit_prepare_bf16(LbArgs& a) {
   }
   a.xbf = words.data();
   a.xbf_sums = sums.data();
-}
-
-void lowbit_gemv_bf16(const LbArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 2) gemv_bits<2>(a, n0, n1);
-  else gemv_bits<4>(a, n0, n1);
 }
 
 }  // namespace onnxshrink
