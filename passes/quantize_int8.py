@@ -34,7 +34,7 @@ from onnxshrink.registry import register_pass
 from onnxshrink.runtime import make_session, u8s8_saturates
 
 from .equalize import Equalize
-from .sensitive_float import keep_sensitive_float
+from .sensitive_float import keep_front_float, keep_sensitive_float
 
 # op -> positions of inputs that are quantized activations (None: all inputs)
 _WEIGHTED = {"Conv": (0,), "MatMul": (0, 1), "Gemm": (0,)}
@@ -79,6 +79,9 @@ class QuantizeInt8(Pass):
         max_samples: int = option(256, "calibration samples used at most", low=1)
         speed_check: bool = option(True, "time the result in onnxruntime and leave float each op type whose "
                                          "quantization makes the model slower (Conv/MatMul/Gemm always quantized)")
+        front_budget: float = option(0.25, "leave float the first weighted nodes (Conv/MatMul/Gemm) where measured "
+                                          "on calibration samples that takes most of the drift away, up to this "
+                                          "share of the model's multiply-adds (0 = off)", low=0, high=1)
         keep_float: int = option(0, "then leave float up to this many activation tensors whose quantization moves "
                                     "the outputs most, found by measurement on calibration samples (a few seconds "
                                     "each; each must remove a fifth of the remaining drift)", low=0)
@@ -118,10 +121,12 @@ class QuantizeInt8(Pass):
         positions = [i for i, n in enumerate(graph.node) if id(n) in chosen_ids]
 
         @functools.cache  # the speed check builds the fully quantized model too; build it once
-        def build(left_float: frozenset = frozenset()) -> tuple[onnx.ModelProto, list[Note]]:
+        def build(left_float: frozenset = frozenset(), left_nodes: frozenset = frozenset()
+                  ) -> tuple[onnx.ModelProto, list[Note]]:
             candidate = onnx.ModelProto()
             candidate.CopyFrom(model)
-            selected = [candidate.graph.node[i] for i in positions if candidate.graph.node[i].op_type not in left_float]
+            selected = [candidate.graph.node[i] for i in positions if candidate.graph.node[i].op_type not in left_float
+                        and candidate.graph.node[i].name not in left_nodes]
             built_notes: list[Note] = []
             inits = {t.name: t for t in candidate.graph.initializer}
             _rewrite(candidate, _plan(candidate.graph, selected, inits, stats, opts, built_notes), stats, opts, built_notes)
@@ -130,7 +135,12 @@ class QuantizeInt8(Pass):
         left_float: frozenset = frozenset()
         if opts.speed_check:
             left_float = _slower_op_types(original, build, next(iter(context.data)), notes)
-        quantized, built_notes = build(left_float)
+        left_nodes: frozenset = frozenset()
+        if opts.front_budget > 0:
+            weighted = [graph.node[i] for i in positions if graph.node[i].op_type in _WEIGHTED]
+            left_nodes = keep_front_float(original, model, lambda names: build(left_float, names)[0], weighted,
+                                          context.data.take(4), opts.front_budget, notes)
+        quantized, built_notes = build(left_float, left_nodes)
         notes += built_notes
         build.cache_clear()
         if opts.keep_float:

@@ -308,11 +308,31 @@ def test_yolov8n_class_scores_survive(yolov8n_path):
     reference = onnx.load(yolov8n_path)
     ref = np.concatenate([run(reference, f)[0] for f in images[12:]])
     out = np.concatenate([run(model, f)[0] for f in images[12:]])
-    # Measured 0.99+ on the boxes and ~0.95 on the class rows; one shared scale (onnxruntime's
-    # default) gives ~0.1 on the class rows.
+    # One shared scale (onnxruntime's default) gives ~0.1 on the class rows; ours measured 0.99+
+    # on the boxes and, with the first Convs left float by measurement, 0.99 on the class rows.
     assert cosine(ref[:, :4], out[:, :4]) > 0.995
-    assert cosine(ref[:, 4:], out[:, 4:]) > 0.9
+    assert cosine(ref[:, 4:], out[:, 4:]) > 0.98
     assert model.ByteSize() < 0.3 * reference.ByteSize()
+    assert any("front: first" in n.message for n in result.report.passes[0].notes)
+
+
+def test_ppocr_text_mask_survives_with_the_front_float(ppocr_det_path):
+    """PP-OCRv4 det's first Convs carry most of its quantization drift, spread too thin for
+    keep_float's one-tensor search: the default leaves them float by measurement (text-mask IoU
+    vs fp32 on these held-out photos measured 0.958; 0.891 with front_budget=0)."""
+    import inputs
+
+    from onnxshrink.task_metrics import mask_iou
+
+    images = inputs.ppocr_det_inputs(16)  # 8 to calibrate, 8 other photos to test
+    reference = onnx.load(ppocr_det_path)
+    ref = [run(reference, f)[0] for f in images[8:]]
+    ious = {}
+    for spec in ("quantize-int8", "quantize-int8(front_budget=0)"):
+        result = quantize(onnx.load(ppocr_det_path), images[:8], spec)
+        ious[spec] = mask_iou(np.concatenate(ref), np.concatenate([run(result.model, f)[0] for f in images[8:]]))["mean"]
+    assert ious["quantize-int8"] >= 0.95
+    assert ious["quantize-int8"] > ious["quantize-int8(front_budget=0)"]
 
 
 # ---------------------------------------------------------------- mixed precision

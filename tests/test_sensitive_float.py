@@ -54,3 +54,61 @@ def test_balanced_drift_sees_a_small_channel():
     a, b = reference[0][0].ravel(), candidate[0][0].ravel()
     assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.9999  # the whole output hides it
     assert sensitive_float.balanced_drift(reference, candidate) > 0.3
+
+
+def convs(count: int) -> onnx.ModelProto:
+    """x [1, 2, 8, 8] -> `count` 3x3 Convs, 2 -> 2 channels (padding 1), then Tanh."""
+    rng = np.random.default_rng(1)
+    nodes, inits, current = [], [], "x"
+    for i in range(count):
+        inits.append(numpy_helper.from_array(rng.standard_normal((2, 2, 3, 3)).astype(np.float32) * 0.3, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [current, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        current = f"c{i}"
+    nodes.append(helper.make_node("Tanh", [current], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_multiply_adds_from_the_feeds_shapes():
+    feed = {"x": np.zeros((3, 2, 8, 8), np.float32)}  # the batch of 3 comes from the feed, not the graph
+    costs = sensitive_float.multiply_adds(convs(2), feed)
+    assert costs == {"conv0": 3 * 2 * 8 * 8 * 2 * 9, "conv1": 3 * 2 * 8 * 8 * 2 * 9}
+
+
+def front_case(count: int, float_from: int):
+    """The float model, and a `build` whose model matches it only once the first `float_from`
+    nodes are left float (before that its last Conv's weights are off by 30%), with the nodes."""
+    model = convs(count)
+    spoiled = onnx.ModelProto()
+    spoiled.CopyFrom(model)
+    last = spoiled.graph.initializer[-1]
+    last.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(last) * 1.3, last.name))
+    calls = []
+
+    def build(names):
+        calls.append(sorted(names))
+        return model if len(names) >= float_from else spoiled
+
+    return model, build, list(model.graph.node)[:count], calls
+
+
+def test_front_keeps_the_shortest_prefix_that_takes_the_drift_away():
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 2, 8, 8)).astype(np.float32)} for i in range(2)]
+    model, build, weighted, calls = front_case(20, float_from=2)
+    notes: list[Note] = []
+    kept = sensitive_float.keep_front_float(model, model, build, weighted, feeds, budget=0.25, notes=notes)
+    assert kept == {"conv0", "conv1"}
+    assert [len(c) for c in calls] == [0, 1, 2, 4]  # within 25% of 20 equal layers: prefixes 1, 2, 4
+    assert any("first 2 weighted node(s) left float" in n.message for n in notes)
+
+
+def test_front_keeps_nothing_without_a_clear_gain_or_within_budget():
+    feeds = [{"x": np.random.default_rng(0).standard_normal((1, 2, 8, 8)).astype(np.float32)}]
+    model, build, weighted, _ = front_case(20, float_from=99)  # no prefix helps
+    notes: list[Note] = []
+    assert sensitive_float.keep_front_float(model, model, build, weighted, feeds, budget=0.25, notes=notes) == set()
+    assert any("all quantized" in n.message for n in notes)
+    model, build, weighted, calls = front_case(4, float_from=1)  # one layer is 25% of the compute
+    assert sensitive_float.keep_front_float(model, model, build, weighted, feeds, budget=0.1, notes=[]) == set()
+    assert calls == []  # nothing fits the budget: nothing is measured
