@@ -93,14 +93,9 @@ def keep_front_float(original: onnx.ModelProto, model: onnx.ModelProto, build, w
             prefixes.append((length, spent))
     if not prefixes:
         return frozenset()
-    reference = run_all(make_session(original, threads=1), feeds)
-
-    def drift(names: frozenset) -> float:
-        session = make_session(build(names), threads=1)
-        return balanced_drift(reference, run_all(session, adapt_feeds(feeds, session)))
-
-    start = drift(frozenset())
-    trials = [(length, share, drift(frozenset(n.name for n in weighted[:length]))) for length, share in prefixes]
+    start, *measured = drifts(original, [build(frozenset())] + [build(frozenset(n.name for n in weighted[:length]))
+                                                                 for length, _ in prefixes], feeds)
+    trials = [(length, spent, drift) for (length, spent), drift in zip(prefixes, measured)]
     best = min(d for _, _, d in trials)
     if start - best < _WORTHWHILE * start:
         notes.append(Note("(graph)", f"front: no prefix of the first weighted nodes left float lowers the drift "
@@ -115,6 +110,16 @@ def keep_front_float(original: onnx.ModelProto, model: onnx.ModelProto, build, w
                                  f"{start:.4f} -> {reached:.4f} on {len(feeds)} calibration samples (tried "
                                  f"{', '.join(str(t[0]) for t in trials)})"))
     return frozenset(names)
+
+
+def drifts(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feeds) -> list[float]:
+    """balanced_drift of each candidate against `original` on `feeds`."""
+    reference = run_all(make_session(original, threads=1), feeds)
+    result = []
+    for candidate in candidates:
+        session = make_session(candidate, threads=1)
+        result.append(balanced_drift(reference, run_all(session, adapt_feeds(feeds, session))))
+    return result
 
 
 def multiply_adds(model: onnx.ModelProto, feed: dict) -> dict[str, int]:

@@ -309,11 +309,30 @@ def test_yolov8n_class_scores_survive(yolov8n_path):
     ref = np.concatenate([run(reference, f)[0] for f in images[12:]])
     out = np.concatenate([run(model, f)[0] for f in images[12:]])
     # One shared scale (onnxruntime's default) gives ~0.1 on the class rows; ours measured 0.99+
-    # on the boxes and, with the first Convs left float by measurement, 0.99 on the class rows.
+    # on the boxes and, with the first Convs left float and minmax ranges (both chosen by
+    # measurement), 0.99 on the class rows.
     assert cosine(ref[:, :4], out[:, :4]) > 0.995
     assert cosine(ref[:, 4:], out[:, 4:]) > 0.98
     assert model.ByteSize() < 0.3 * reference.ByteSize()
-    assert any("front: first" in n.message for n in result.report.passes[0].notes)
+    notes = [n.message for n in result.report.passes[0].notes]
+    assert any("front: first" in m for m in notes) and any(m.startswith("calibration: minmax") for m in notes)
+
+
+def test_auto_calibration_keeps_the_ranges_that_move_the_outputs_less():
+    from onnxshrink.passes.quantize_int8 import _measured_calibration
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.float32(2), "k")]), opset_imports=[helper.make_opsetid("", 17)])
+    spoiled = onnx.ModelProto()
+    spoiled.CopyFrom(model)
+    spoiled.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.float32(-2), "k"))
+    feeds = [{"x": np.arange(4, dtype=np.float32).reshape(1, 4) + 1}]
+    for good in ("mse", "minmax"):
+        notes = []
+        chosen = _measured_calibration(model, lambda method: model if method == good else spoiled, feeds, notes)
+        assert chosen == good and f"calibration: {good}" in notes[0].message
 
 
 def test_ppocr_text_mask_survives_with_the_front_float(ppocr_det_path):
