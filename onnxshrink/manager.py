@@ -13,7 +13,7 @@ import onnx
 from .calibration import open_data
 from .errors import OnnxShrinkError
 from .fidelity import METRICS, Bound, output_metrics, parse_drift, summarize
-from .graph import ModelStats, model_stats
+from .graph import ModelStats, model_stats, walk_nodes
 from .io import load
 from .memory import PeakMemory
 from .pass_base import Note, Pass, PassContext
@@ -139,10 +139,12 @@ def compress(model, pipeline, calibration=None, max_drift: str | None = None, sa
 
 
 def _run_step(step: Pass, model, stats, context, strict_check, names, reference, feeds, bounds: list[Bound]):
+    unmatched = _unmatched_names(step, model)
     start = time.perf_counter()
     with PeakMemory() as peak:
         result = step.apply(model, context, before=stats)
     wall = time.perf_counter() - start
+    result.notes[:0] = unmatched
     record = PassRecord(step.name, step.spec(), "applied", "", result.before, result.after, {}, {}, wall,
                         peak.bytes / 2**20, result.notes)
     if not result.modified:
@@ -167,6 +169,23 @@ def _run_step(step: Pass, model, stats, context, strict_check, names, reference,
         record.status, record.message = "rolled back", f"rolled back {step.spec()}: {figures}"
         log.warning("%s", record.message)
     return record, result.model
+
+
+def _unmatched_names(step: Pass, model) -> list[Note]:
+    """A note for each `include`/`exclude` entry that names no node and no op type of the model: a
+    typo, or a list written in parentheses, which the option parser reads as one name."""
+    if not isinstance(model, onnx.ModelProto):
+        return []
+    known = {name for node in walk_nodes(model.graph) for name in (node.name, node.op_type)}
+    notes = []
+    for option in ("include", "exclude"):
+        values = getattr(step.options, option, None)
+        for value in values if isinstance(values, tuple) else ():
+            if isinstance(value, str) and value not in known:
+                hint = " (lists are written [a,b])" if value.startswith("(") else ""
+                notes.append(Note("(options)", f"{option}: {value!r} matches no node name or op type of this "
+                                               f"model{hint}"))
+    return notes
 
 
 def _passes_full_check(model: onnx.ModelProto | bytes) -> bool:

@@ -94,3 +94,13 @@ def test_compress_accepts_a_path_and_leaves_the_file_alone(tmp_path):
 def test_bad_calibration_data_is_a_clear_error(source, message):
     with pytest.raises(OnnxShrinkError, match=message):
         onnxshrink.compress(mlp_model(), "cleanup", calibration=source)
+
+
+def test_exclude_names_that_match_nothing_are_reported():
+    """A typo, or a list in parentheses (read as one name), would otherwise exclude nothing silently."""
+    model = mlp_model()
+    result = onnxshrink.compress(model, "prune(sparsity=0.5,exclude=(MatMul,fc2))", calibration=X)
+    messages = [n.message for n in result.report.passes[0].notes]
+    assert any("exclude: '(MatMul,fc2)' matches no node name or op type" in m and "[a,b]" in m for m in messages)
+    result = onnxshrink.compress(model, "prune(sparsity=0.5,exclude=[Gemm,gemm2])", calibration=X)
+    assert not any("matches no node" in n.message for n in result.report.passes[0].notes)
