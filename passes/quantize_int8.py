@@ -11,6 +11,10 @@ QLinearMatMul, QLinearAdd, ...), so the result runs faster, not only smaller:
 * graph outputs stay float, so one scale never squeezes quantities of different range together;
 * a Concat whose inputs' ranges differ by more than `concat_ratio` stays float for the same reason.
 
+Then measurement on calibration samples decides (sensitive_float.py): op types whose quantization
+slows the model stay float; so do the first weighted layers where they carry most of the drift
+(`front_budget`); `calibration=auto` keeps mse or minmax ranges, whichever moves the outputs less.
+
 Only the main graph is quantized; nodes in If/Loop/Scan bodies and recurrent ops stay float.
 """
 
@@ -35,7 +39,7 @@ from onnxshrink.registry import register_pass
 from onnxshrink.runtime import make_session, u8s8_saturates
 
 from .equalize import Equalize
-from .sensitive_float import drifts, keep_front_float, keep_sensitive_float
+from .sensitive_float import keep_front_float, keep_sensitive_float, measured_drifts
 
 # op -> positions of inputs that are quantized activations (None: all inputs)
 _WEIGHTED = {"Conv": (0,), "MatMul": (0, 1), "Gemm": (0,)}
@@ -177,7 +181,7 @@ def _measured_calibration(original, build, feeds, notes: list[Note]) -> str:
     logits, and there mse lowered confident scores by 15-25% (0.30 -> 0.24 drops a box at the 0.25
     threshold) while minmax kept them (measured). MiniLM is the other way round (sentence cosine
     0.946 with mse, 0.941 with minmax). So both are built from the same histograms and measured."""
-    mse, minmax = drifts(original, [build("mse"), build("minmax")], feeds)
+    mse, minmax = measured_drifts(original, [build("mse"), build("minmax")], feeds)
     chosen = "minmax" if minmax < mse else "mse"
     notes.append(Note("(graph)", f"calibration: {chosen} (channel-balanced drift on {len(feeds)} calibration samples: "
                                  f"mse {mse:.4f}, minmax {minmax:.4f})"))

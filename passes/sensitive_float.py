@@ -1,4 +1,7 @@
-"""Activation pairs that cost the most fidelity, found by measurement and left float.
+"""What to leave float after quantization, found by measurement.
+
+Two searches. `keep_front_float` tries the first weighted layers float together (see there).
+`keep_sensitive_float` looks for single activation tensors:
 
 After `quantize-int8` has placed its QuantizeLinear/DequantizeLinear pairs, one activation tensor
 can account for much of the drift: on YOLOv8n the second layer's SiLU output alone moves the class
@@ -76,10 +79,11 @@ def keep_front_float(original: onnx.ModelProto, model: onnx.ModelProto, build, w
     their quantization error reaches every later layer, and they hold little of the compute. On
     PP-OCRv4 det no single activation carries a fifth of the drift (keep_sensitive_float finds
     nothing), yet the first Convs together hold most of it (text-mask IoU 0.916 -> 0.963 with 4
-    float, 0.972 with 8; 5% and 10% of the multiply-adds; measured). So prefixes of 1, 2, 4, 8, ... weighted nodes, as long
-    as they stay within `budget` of the model's multiply-adds, are tried float (`build(names)`
-    gives the model with those nodes float); the shortest that takes at least 90% of the best
-    prefix's gain is kept, if that gain is at least `_WORTHWHILE` of the drift."""
+    float, 0.972 with 8; 5% and 10% of the multiply-adds; measured). So prefixes of 1, 2, 4, 8,
+    ... weighted nodes, as long as they stay within `budget` of the model's multiply-adds, are
+    tried float (`build(names)` gives the model with those nodes float); the shortest that takes
+    at least 90% of the best prefix's gain is kept, if that gain is at least `_WORTHWHILE` of the
+    drift."""
     costs = multiply_adds(model, next(iter(feeds)))
     total = sum(costs.get(n.name, 0) for n in weighted)
     prefixes, spent = [], 0
@@ -93,8 +97,8 @@ def keep_front_float(original: onnx.ModelProto, model: onnx.ModelProto, build, w
             prefixes.append((length, spent))
     if not prefixes:
         return frozenset()
-    start, *measured = drifts(original, [build(frozenset())] + [build(frozenset(n.name for n in weighted[:length]))
-                                                                 for length, _ in prefixes], feeds)
+    candidates = [build(frozenset(n.name for n in weighted[:length])) for length, _ in prefixes]
+    start, *measured = measured_drifts(original, [build(frozenset())] + candidates, feeds)
     trials = [(length, spent, drift) for (length, spent), drift in zip(prefixes, measured)]
     best = min(d for _, _, d in trials)
     if start - best < _WORTHWHILE * start:
@@ -112,7 +116,7 @@ def keep_front_float(original: onnx.ModelProto, model: onnx.ModelProto, build, w
     return frozenset(names)
 
 
-def drifts(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feeds) -> list[float]:
+def measured_drifts(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feeds) -> list[float]:
     """balanced_drift of each candidate against `original` on `feeds`."""
     reference = run_all(make_session(original, threads=1), feeds)
     result = []

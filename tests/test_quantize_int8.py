@@ -321,10 +321,11 @@ def test_yolov8n_class_scores_survive(yolov8n_path):
 def test_auto_calibration_keeps_the_ranges_that_move_the_outputs_less():
     from onnxshrink.passes.quantize_int8 import _measured_calibration
 
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("Mul", ["x", "k"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(np.float32(2), "k")]), opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.float32(2), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     spoiled = onnx.ModelProto()
     spoiled.CopyFrom(model)
     spoiled.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.float32(-2), "k"))
@@ -349,7 +350,8 @@ def test_ppocr_text_mask_survives_with_the_front_float(ppocr_det_path):
     ious = {}
     for spec in ("quantize-int8", "quantize-int8(front_budget=0)"):
         result = quantize(onnx.load(ppocr_det_path), images[:8], spec)
-        ious[spec] = mask_iou(np.concatenate(ref), np.concatenate([run(result.model, f)[0] for f in images[8:]]))["mean"]
+        maps = np.concatenate([run(result.model, f)[0] for f in images[8:]])
+        ious[spec] = mask_iou(np.concatenate(ref), maps)["mean"]
     assert ious["quantize-int8"] >= 0.95
     assert ious["quantize-int8"] > ious["quantize-int8(front_budget=0)"]
 

@@ -99,7 +99,7 @@ def test_front_keeps_the_shortest_prefix_that_takes_the_drift_away():
     notes: list[Note] = []
     kept = sensitive_float.keep_front_float(model, model, build, weighted, feeds, budget=0.25, notes=notes)
     assert kept == {"conv0", "conv1"}
-    assert [len(c) for c in calls] == [0, 1, 2, 4]  # within 25% of 20 equal layers: prefixes 1, 2, 4
+    assert sorted(len(c) for c in calls) == [0, 1, 2, 4]  # within 25% of 20 equal layers: prefixes 1, 2, 4
     assert any("first 2 weighted node(s) left float" in n.message for n in notes)
 
 
