@@ -28,6 +28,7 @@
 #include <cstring>
 #include <vector>
 
+#include "lowbit_gemv_passes.h"
 #include "lowbit_matmul_args.h"
 
 namespace onnxshrink {
@@ -93,10 +94,8 @@ __m512i code_table() {
   return _mm512_load_si512(t);
 }
 
-// Rows [m, m + R) of Y, columns [n0, n1) C at a time, from the prepared rows.
-// `padded_last`: the tensor's last column with 64 bytes of zeros after it,
-// because a span may read past a column's last block (into the next column,
-// which meets zero activations; past the tensor's end it must not).
+// Rows [m, m + R) of Y, columns [n0, n1) C at a time, from the prepared rows;
+// `padded_last` as lowbit_gemv_passes.h gives it (a span reads 64 bytes).
 template <int R, int C, bool ZP>
 void gemv_rows(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n0, int64_t n1) {
   constexpr int P = kPlanes;
@@ -199,41 +198,17 @@ void gemv_rows(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n
   }
 }
 
-// C columns at a time (C = 4 / R: the accumulators fit the 32 registers), the remainder one by one.
-template <int R, bool ZP>
-void gemv_columns(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n0, int64_t n1) {
-  constexpr int C = R == 1 ? 4 : R == 2 ? 2 : 1;
-  const int64_t grouped = n0 + (n1 - n0) / C * C;
-  gemv_rows<R, C, ZP>(a, padded_last, m, n0, grouped);
-  if (grouped < n1) gemv_rows<R, 1, ZP>(a, padded_last, m, grouped, n1);
-}
-
-template <int R>
-void gemv_zp(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n0, int64_t n1) {
-  if (a.zero_points) gemv_columns<R, true>(a, padded_last, m, n0, n1);
-  else gemv_columns<R, false>(a, padded_last, m, n0, n1);
-}
+// gemv_rows for gemv_passes (a function template cannot be its argument).
+struct Bf16Rows {
+  template <int R, int C, bool ZP>
+  static void rows(const LbArgs& a, const uint8_t* padded_last, int64_t m, int64_t n0, int64_t n1) {
+    gemv_rows<R, C, ZP>(a, padded_last, m, n0, n1);
+  }
+};
 
 }  // namespace
 
-void lowbit_gemv_bf16(const LbArgs& a, int64_t n0, int64_t n1) {
-  thread_local std::vector<uint8_t> last_column;
-  const int64_t column_bytes = a.n_blocks * a.block_bytes;
-  if (n1 == a.N) {  // this task reads the tensor's last column
-    last_column.assign(static_cast<size_t>(column_bytes + 64), 0);
-    std::memcpy(last_column.data(), a.codes + (a.N - 1) * column_bytes, static_cast<size_t>(column_bytes));
-  }
-  for (int64_t m = 0; m < a.M;) {
-    const int rows = static_cast<int>(std::min<int64_t>(4, a.M - m));
-    switch (rows) {
-      case 4: gemv_zp<4>(a, last_column.data(), m, n0, n1); break;
-      case 3: gemv_zp<3>(a, last_column.data(), m, n0, n1); break;
-      case 2: gemv_zp<2>(a, last_column.data(), m, n0, n1); break;
-      default: gemv_zp<1>(a, last_column.data(), m, n0, n1); break;
-    }
-    m += rows;
-  }
-}
+void lowbit_gemv_bf16(const LbArgs& a, int64_t n0, int64_t n1) { gemv_passes<Bf16Rows, 64>(a, n0, n1); }
 
 // Takes 4 bits, linear weights, blocks that tile a span evenly (one divides
 // the other: 16, 32, 64, 128, ...), M < kGemmMinRows. The rows live in
