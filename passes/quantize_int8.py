@@ -39,7 +39,7 @@ from onnxshrink.registry import register_pass
 from onnxshrink.runtime import make_session, u8s8_saturates
 
 from .equalize import Equalize
-from .sensitive_float import keep_front_float, keep_sensitive_float, measured_drifts
+from .sensitive_float import DriftMeter, keep_front_float, keep_sensitive_float
 
 # op -> positions of inputs that are quantized activations (None: all inputs)
 _WEIGHTED = {"Conv": (0,), "MatMul": (0, 1), "Gemm": (0,)}
@@ -145,20 +145,22 @@ class QuantizeInt8(Pass):
         left_float: frozenset = frozenset()
         if opts.speed_check:
             left_float = _slower_op_types(original, build, next(iter(context.data)), notes)
+        # The searches below measure their candidates against the float model on 4 calibration samples.
+        meter = DriftMeter(original, context.data.take(4)) if opts.front_budget > 0 or opts.keep_float or \
+            opts.calibration == "auto" else None
         left_nodes: frozenset = frozenset()
         if opts.front_budget > 0:
             weighted = [graph.node[i] for i in positions if graph.node[i].op_type in _WEIGHTED]
-            left_nodes = keep_front_float(original, model, lambda names: build(left_float, names)[0], weighted,
-                                          context.data.take(4), opts.front_budget, notes)
+            left_nodes = keep_front_float(meter, model, lambda names: build(left_float, names)[0], weighted,
+                                          opts.front_budget, notes)
         calibration = first_choice
         if opts.calibration == "auto":
-            calibration = _measured_calibration(original, lambda method: build(left_float, left_nodes, method)[0],
-                                                context.data.take(4), notes)
+            calibration = _measured_calibration(meter, lambda method: build(left_float, left_nodes, method)[0], notes)
         quantized, built_notes = build(left_float, left_nodes, calibration)
         notes += built_notes
         build.cache_clear()
         if opts.keep_float:
-            quantized = keep_sensitive_float(original, quantized, context.data.take(4), opts.keep_float, notes)
+            quantized = keep_sensitive_float(meter, quantized, opts.keep_float, notes)
         if quantized.ByteSize() >= original.ByteSize():
             notes.append(Note("(graph)", "left unchanged: quantizing would not make the file smaller"))
             return PassOutput(original, notes)
@@ -173,18 +175,18 @@ class QuantizeInt8(Pass):
         return node.op_type not in opts.exclude and node.name not in opts.exclude
 
 
-def _measured_calibration(original, build, feeds, notes: list[Note]) -> str:
-    """mse or minmax ranges, whichever moves the outputs less on `feeds` (channel-balanced drift).
+def _measured_calibration(meter: DriftMeter, build, notes: list[Note]) -> str:
+    """mse or minmax ranges, whichever moves the outputs less (channel-balanced drift, `meter`).
 
     mse clips each tensor's rare extremes to resolve its bulk better, which is right for most
     tensors but not where the extremes are the answer: YOLOv8n's class scores come from its largest
     logits, and there mse lowered confident scores by 15-25% (0.30 -> 0.24 drops a box at the 0.25
     threshold) while minmax kept them (measured). MiniLM is the other way round (sentence cosine
     0.946 with mse, 0.941 with minmax). So both are built from the same histograms and measured."""
-    mse, minmax = measured_drifts(original, [build("mse"), build("minmax")], feeds)
+    mse, minmax = meter(build("mse")), meter(build("minmax"))
     chosen = "minmax" if minmax < mse else "mse"
-    notes.append(Note("(graph)", f"calibration: {chosen} (channel-balanced drift on {len(feeds)} calibration samples: "
-                                 f"mse {mse:.4f}, minmax {minmax:.4f})"))
+    notes.append(Note("(graph)", f"calibration: {chosen} (channel-balanced drift on {len(meter.feeds)} calibration "
+                                 f"samples: mse {mse:.4f}, minmax {minmax:.4f})"))
     return chosen
 
 

@@ -33,17 +33,28 @@ from onnxshrink.runtime import adapt_feeds, make_session, run_all
 _WORTHWHILE = 0.2  # a pair stays float only if it alone removes this share of the drift
 
 
-def keep_sensitive_float(original: onnx.ModelProto, quantized: onnx.ModelProto, feeds: list[dict], limit: int,
+class DriftMeter:
+    """balanced_drift of candidate models against `original` on `feeds`; the original's outputs
+    are computed once, for every search that measures against them."""
+
+    def __init__(self, original: onnx.ModelProto, feeds):
+        self.feeds = feeds
+        self.reference = run_all(make_session(original, threads=1), feeds)
+
+    def __call__(self, candidate: onnx.ModelProto) -> float:
+        session = make_session(candidate, threads=1)
+        return balanced_drift(self.reference, run_all(session, adapt_feeds(self.feeds, session)))
+
+
+def keep_sensitive_float(meter: DriftMeter, quantized: onnx.ModelProto, limit: int,
                          notes: list[Note]) -> onnx.ModelProto:
     """`quantized` with up to `limit` activation pairs removed, each chosen by measured drift."""
-    reference = run_all(make_session(original, threads=1), feeds)
     pairs = _activation_pairs(quantized)
-    if not pairs or not reference:
+    if not pairs or not meter.reference:
         return quantized
 
     def drift(removed: list[str]) -> float:
-        session = make_session(_without(quantized, removed), threads=1)
-        return balanced_drift(reference, run_all(session, adapt_feeds(feeds, session)))
+        return meter(_without(quantized, removed))
 
     kept: list[str] = []
     current = drift(kept)
@@ -66,13 +77,13 @@ def keep_sensitive_float(original: onnx.ModelProto, quantized: onnx.ModelProto, 
                                     f"{current:.4f} -> {alone:.4f} with it float)"))
         current = alone
     summary = f"sensitivity: {len(kept)} activation tensor(s) left float of {len(pairs)}; drift {start:.4f} -> " \
-              f"{current:.4f} on {len(feeds)} calibration samples ({sessions} trial sessions)"
+              f"{current:.4f} on {len(meter.feeds)} calibration samples ({sessions} trial sessions)"
     notes.append(Note("(graph)", summary))
     return _without(quantized, kept) if kept else quantized
 
 
-def keep_front_float(original: onnx.ModelProto, model: onnx.ModelProto, build, weighted: list[onnx.NodeProto],
-                     feeds, budget: float, notes: list[Note]) -> frozenset:
+def keep_front_float(meter: DriftMeter, model: onnx.ModelProto, build, weighted: list[onnx.NodeProto],
+                     budget: float, notes: list[Note]) -> frozenset:
     """Names of the first weighted nodes (graph order) to leave float, chosen by measurement.
 
     The first layers of a vision model see the raw image at full resolution with few channels:
@@ -84,7 +95,7 @@ def keep_front_float(original: onnx.ModelProto, model: onnx.ModelProto, build, w
     tried float (`build(names)` gives the model with those nodes float); the shortest that takes
     at least 90% of the best prefix's gain is kept, if that gain is at least `_WORTHWHILE` of the
     drift."""
-    costs = multiply_adds(model, next(iter(feeds)))
+    costs = multiply_adds(model, next(iter(meter.feeds)))
     total = sum(costs.get(n.name, 0) for n in weighted)
     prefixes, spent = [], 0
     for length, node in enumerate(weighted, 1):
@@ -97,9 +108,8 @@ def keep_front_float(original: onnx.ModelProto, model: onnx.ModelProto, build, w
             prefixes.append((length, spent))
     if not prefixes:
         return frozenset()
-    candidates = [build(frozenset(n.name for n in weighted[:length])) for length, _ in prefixes]
-    start, *measured = measured_drifts(original, [build(frozenset())] + candidates, feeds)
-    trials = [(length, spent, drift) for (length, spent), drift in zip(prefixes, measured)]
+    start = meter(build(frozenset()))
+    trials = [(length, spent, meter(build(frozenset(n.name for n in weighted[:length])))) for length, spent in prefixes]
     best = min(d for _, _, d in trials)
     if start - best < _WORTHWHILE * start:
         notes.append(Note("(graph)", f"front: no prefix of the first weighted nodes left float lowers the drift "
@@ -111,19 +121,9 @@ def keep_front_float(original: onnx.ModelProto, model: onnx.ModelProto, build, w
         notes.append(Note(name, f"left float: one of the first {length} weighted nodes ({spent / total:.1%} of the "
                                 f"multiply-adds) whose quantization moved the outputs most"))
     notes.append(Note("(graph)", f"front: first {length} weighted node(s) left float, channel-balanced drift "
-                                 f"{start:.4f} -> {reached:.4f} on {len(feeds)} calibration samples (tried "
+                                 f"{start:.4f} -> {reached:.4f} on {len(meter.feeds)} calibration samples (tried "
                                  f"{', '.join(str(t[0]) for t in trials)})"))
     return frozenset(names)
-
-
-def measured_drifts(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feeds) -> list[float]:
-    """balanced_drift of each candidate against `original` on `feeds`."""
-    reference = run_all(make_session(original, threads=1), feeds)
-    result = []
-    for candidate in candidates:
-        session = make_session(candidate, threads=1)
-        result.append(balanced_drift(reference, run_all(session, adapt_feeds(feeds, session))))
-    return result
 
 
 def multiply_adds(model: onnx.ModelProto, feed: dict) -> dict[str, int]:

@@ -320,6 +320,7 @@ def test_yolov8n_class_scores_survive(yolov8n_path):
 
 def test_auto_calibration_keeps_the_ranges_that_move_the_outputs_less():
     from onnxshrink.passes.quantize_int8 import _measured_calibration
+    from onnxshrink.passes.sensitive_float import DriftMeter
 
     graph = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -332,7 +333,8 @@ def test_auto_calibration_keeps_the_ranges_that_move_the_outputs_less():
     feeds = [{"x": np.arange(4, dtype=np.float32).reshape(1, 4) + 1}]
     for good in ("mse", "minmax"):
         notes = []
-        chosen = _measured_calibration(model, lambda method: model if method == good else spoiled, feeds, notes)
+        chosen = _measured_calibration(DriftMeter(model, feeds), lambda method: model if method == good else spoiled,
+                                       notes)
         assert chosen == good and f"calibration: {good}" in notes[0].message
 
 

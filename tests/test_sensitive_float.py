@@ -37,7 +37,8 @@ def test_the_pair_that_costs_most_is_left_float():
     # a and c are quantized finely; b's step (0.25) is far too coarse for its values (-1..3)
     quantized = chain({"a": 1 / 32, "b": 0.25, "c": 1 / 64})
     notes: list[Note] = []
-    result = sensitive_float.keep_sensitive_float(chain(None), quantized, feeds, limit=1, notes=notes)
+    result = sensitive_float.keep_sensitive_float(sensitive_float.DriftMeter(chain(None), feeds), quantized, limit=1,
+                                                  notes=notes)
     quantizers = [n.input[0] for n in result.graph.node if n.op_type == "QuantizeLinear"]
     assert sorted(quantizers) == ["a", "c"], quantizers
     assert any(note.where == "b" and "left float" in note.message for note in notes)
@@ -97,7 +98,8 @@ def test_front_keeps_the_shortest_prefix_that_takes_the_drift_away():
     feeds = [{"x": np.random.default_rng(i).standard_normal((1, 2, 8, 8)).astype(np.float32)} for i in range(2)]
     model, build, weighted, calls = front_case(20, float_from=2)
     notes: list[Note] = []
-    kept = sensitive_float.keep_front_float(model, model, build, weighted, feeds, budget=0.25, notes=notes)
+    meter = sensitive_float.DriftMeter(model, feeds)
+    kept = sensitive_float.keep_front_float(meter, model, build, weighted, budget=0.25, notes=notes)
     assert kept == {"conv0", "conv1"}
     assert sorted(len(c) for c in calls) == [0, 1, 2, 4]  # within 25% of 20 equal layers: prefixes 1, 2, 4
     assert any("first 2 weighted node(s) left float" in n.message for n in notes)
@@ -107,8 +109,10 @@ def test_front_keeps_nothing_without_a_clear_gain_or_within_budget():
     feeds = [{"x": np.random.default_rng(0).standard_normal((1, 2, 8, 8)).astype(np.float32)}]
     model, build, weighted, _ = front_case(20, float_from=99)  # no prefix helps
     notes: list[Note] = []
-    assert sensitive_float.keep_front_float(model, model, build, weighted, feeds, budget=0.25, notes=notes) == set()
+    meter = sensitive_float.DriftMeter(model, feeds)
+    assert sensitive_float.keep_front_float(meter, model, build, weighted, budget=0.25, notes=notes) == set()
     assert any("all quantized" in n.message for n in notes)
     model, build, weighted, calls = front_case(4, float_from=1)  # one layer is 25% of the compute
-    assert sensitive_float.keep_front_float(model, model, build, weighted, feeds, budget=0.1, notes=[]) == set()
+    meter = sensitive_float.DriftMeter(model, feeds)
+    assert sensitive_float.keep_front_float(meter, model, build, weighted, budget=0.1, notes=[]) == set()
     assert calls == []  # nothing fits the budget: nothing is measured
