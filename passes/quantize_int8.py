@@ -701,6 +701,10 @@ def _rewrite(model: onnx.ModelProto, plan: Plan, stats: Stats, opts, notes: list
                                     f"activation tensors, calibration={opts.calibration}"))
 
 
+# Bias codes stay within 2^30, leaving int32 room for the bias correction added to them.
+_BIAS_CODE_ROOM = 2.0 ** 30
+
+
 def _quantize_weight(node, initializers, stats: Stats, activation_params, add, head, names, opts, notes) -> None:
     where = node.name or node.output[0]
     weight_tensor = initializers[node.input[1]]
@@ -723,15 +727,23 @@ def _quantize_weight(node, initializers, stats: Stats, activation_params, add, h
         reach = np.array(np.abs(weight).max())
     limit = 63 if _reduce_range(opts) else 127
     scale = np.where(reach > 0, reach / limit, 1.0).astype(np.float32)
+    input_scale = activation_params(node.input[0])[2]
+    bias_position = 2 if node.op_type in ("Conv", "Gemm") else None
+    bias_name = node.input[2] if bias_position and len(node.input) > 2 and node.input[2] else None
+    if bias_name in initializers:
+        # The int32 bias is stored at scale input*weight. A channel whose weights are all but zero
+        # (PP-OCRv4 det has some at 1e-14, with biases near 1) would need codes past int32 and
+        # saturate: its weight scale is widened until the bias fits, and its weights round to 0.
+        need = np.abs(numpy_helper.to_array(initializers[bias_name]).astype(np.float64)) / \
+            (float(input_scale) * _BIAS_CODE_ROOM)
+        if need.size == scale.size or not opts.per_channel:
+            scale = np.maximum(scale, need.max() if not opts.per_channel else need).astype(np.float32)
     shape = [1] * weight.ndim
     if opts.per_channel:
         shape[axis] = -1
     codes = np.clip(np.rint(weight / scale.reshape(shape)), -limit, limit).astype(np.int8)
     dequantized = codes.astype(np.float32) * scale.reshape(shape)
 
-    input_scale = activation_params(node.input[0])[2]
-    bias_position = 2 if node.op_type in ("Conv", "Gemm") else None
-    bias_name = node.input[2] if bias_position and len(node.input) > 2 and node.input[2] else None
     correction = _bias_correction(node, weight, dequantized, axis, stats) if opts.bias_correction else None
 
     weight_name = add(codes, f"{node.input[1]}_quantized")

@@ -131,6 +131,20 @@ def test_outputs_stay_float_and_file_shrinks():
     assert quantized.ByteSize() < model.ByteSize()
 
 
+def test_channel_with_near_zero_weights_keeps_its_bias():
+    """Weights of 1e-12 and a bias of 1.5: at scale input*weight the int32 bias would overflow."""
+    model = conv_model()
+    weights = {t.name: t for t in model.graph.initializer}
+    w3, b3 = numpy_helper.to_array(weights["w3"]).copy(), numpy_helper.to_array(weights["b3"]).copy()
+    w3[2], b3[2] = 1e-12, 1.5
+    weights["w3"].CopyFrom(numpy_helper.from_array(w3, "w3"))
+    weights["b3"].CopyFrom(numpy_helper.from_array(b3, "b3"))
+    quantized = quantize(model, conv_feeds(16)).model
+    for feed in conv_feeds(2, seed=5):
+        np.testing.assert_allclose(run(quantized, feed)[0][0, 2], 1.5, atol=1e-3)
+        assert cosine(run(model, feed)[0], run(quantized, feed)[0]) > 0.99
+
+
 def test_old_opset_is_upgraded_for_per_channel_weights():
     model = conv_model(opset=11)
     result = quantize(model, conv_feeds(8))
