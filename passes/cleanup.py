@@ -141,6 +141,18 @@ class Cleanup(Pass):
                                 f"of {origin}")], folded, _combined(exact_stats, stats)
 
 
+def weight_folds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """A copy of `model` with only the weight folds applied (no constant folding, no check against a
+    tolerance), and what was folded. For passes whose own error dwarfs the folds' rounding (~1e-5):
+    quantize-int8 uses it so that no float Mul/Add is left between two integer kernels."""
+    if not _has_weight_fold_candidates(model):
+        return model, {}
+    settings = Settings(fold_constants=False, remove_identity=False, fuse=True, subgraphs=False, dedup=False)
+    folded, stats = _simplified(model, settings)
+    counts = {what: count for what, count in stats.counts.items() if what in _INEXACT}
+    return (folded, counts) if counts else (model, {})
+
+
 def _has_weight_fold_candidates(model: onnx.ModelProto) -> bool:
     """Whether any Conv/ConvTranspose/Gemm feeds a Mul/Add/Sub/Div/BatchNormalization, or an Add feeds a
     Clip (hard swish): else the second stage is skipped."""

@@ -131,6 +131,43 @@ def test_outputs_stay_float_and_file_shrinks():
     assert quantized.ByteSize() < model.ByteSize()
 
 
+def affine_hardswish_model():
+    """x -> Conv -> *0.7 -> +0.2 -> hard swish as x*Clip(x+3,0,6)/6 -> Conv -> y: PP-OCRv4 det's
+    learnable affine block and exported hard swish, in small."""
+    rng = np.random.default_rng(1)
+    consts = {"w1": rng.standard_normal((32, 3, 3, 3)) * 0.3, "b1": rng.standard_normal(32) * 0.1,
+              "w2": rng.standard_normal((16, 32, 3, 3)) * 0.1, "scale": np.array(0.7), "shift": np.array(0.2),
+              "three": np.array(3.0), "zero": np.array(0.0), "six": np.array(6.0)}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["scale", "c1"], ["m"], name="affine_mul"),
+             helper.make_node("Add", ["m", "shift"], ["a"], name="affine_add"),
+             helper.make_node("Add", ["a", "three"], ["a3"], name="hs_add"),
+             helper.make_node("Clip", ["a3", "zero", "six"], ["cl"], name="hs_clip"),
+             helper.make_node("Mul", ["a", "cl"], ["p"], name="hs_mul"),
+             helper.make_node("Div", ["p", "six"], ["h"], name="hs_div"),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_affine_ops_and_hard_swish_fold_before_quantizing():
+    model = affine_hardswish_model()
+    folded = quantize(model, conv_feeds(8))
+    unfolded = quantize(model, conv_feeds(8), "quantize-int8(fold=false)")
+    notes = " | ".join(n.message for n in folded.report.passes[0].notes)
+    assert "before quantizing, Mul folded into Conv: 1" in notes and "Add folded into Conv: 1" in notes
+    assert "x*Clip(x+3,0,6)/6 made x*HardSigmoid(x): 1" in notes
+    float_ops = lambda m: sorted(op for op in optimized_ops(m) if op in ("Add", "Div", "Clip"))
+    assert float_ops(folded.model) == [] and float_ops(unfolded.model) == ["Add", "Div"]
+    assert "fold" not in " ".join(n.message for n in unfolded.report.passes[0].notes)
+    for feed in conv_feeds(4, seed=9):
+        assert cosine(run(model, feed)[0], run(folded.model, feed)[0]) > 0.99
+
+
 def test_channel_with_near_zero_weights_keeps_its_bias():
     """Weights of 1e-12 and a bias of 1.5: at scale input*weight the int32 bias would overflow."""
     model = conv_model()
