@@ -143,6 +143,8 @@ def multiply_adds(model: onnx.ModelProto, feed: dict) -> dict[str, int]:
         return {}
     shapes = {}
     for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if not value.type.tensor_type.HasField("shape"):
+            continue  # rank unknown (PP-OCR cls: a Reshape to a computed shape), not rank 0
         dims = value.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]

@@ -77,6 +77,21 @@ def test_multiply_adds_from_the_feeds_shapes():
     assert costs == {"conv0": 3 * 2 * 8 * 8 * 2 * 9, "conv1": 3 * 2 * 8 * 8 * 2 * 9}
 
 
+def test_multiply_adds_skips_a_layer_whose_input_rank_is_unknown():
+    """PP-OCR's cls model reshapes to a shape computed at run time; shape inference then leaves
+    the MatMul's input without a shape, which must not read as rank 0 (it crashed the front)."""
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["r"]),  # s: a shape of unknown length
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+                                           helper.make_tensor_value_info("s", TensorProto.INT64, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert sensitive_float.multiply_adds(model, {"x": np.zeros((2, 8), np.float32)}) == {}
+
+
 def front_case(count: int, float_from: int):
     """The float model, and a `build` whose model matches it only once the first `float_from`
     nodes are left float (before that its last Conv's weights are off by 30%), with the nodes."""
