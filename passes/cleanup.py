@@ -129,7 +129,7 @@ class Cleanup(Pass):
         if not inexact:
             return [], exact_model, exact_stats
         feeds, origin = _check_samples(reference, context)
-        change = _max_change(reference, folded, feeds) if feeds else None
+        change = max_output_change(reference, folded, feeds) if feeds else None
         if change is None:
             return [Note("(graph)", f"weight folds not applied: no samples that run the model to check them on ({origin})")], \
                 exact_model, exact_stats
@@ -203,7 +203,9 @@ def _check_samples(model: onnx.ModelProto, context: PassContext) -> tuple[list, 
         return [], str(exc)[:80]
 
 
-def _max_change(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list) -> float | None:
+def max_output_change(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list) -> float | None:
+    """The largest change of any output on `feeds`, relative to its largest magnitude (None: a
+    model does not run; inf: an output changed shape or type)."""
     from onnxshrink.fidelity import output_metrics, summarize
     from onnxshrink.runtime import make_session, run_all
 

@@ -168,6 +168,26 @@ def test_affine_ops_and_hard_swish_fold_before_quantizing():
         assert cosine(run(model, feed)[0], run(folded.model, feed)[0]) > 0.99
 
 
+def test_folds_that_move_the_float_outputs_are_not_applied(monkeypatch):
+    from onnxshrink.passes import cleanup
+
+    def wrong_folds(model):  # a fold that got a scale wrong: w1 doubled
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+        w1 = next(t for t in folded.graph.initializer if t.name == "w1")
+        w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1) * 2, "w1"))
+        return folded, {"Mul folded into Conv": 1}
+
+    monkeypatch.setattr(cleanup, "weight_folds", wrong_folds)
+    model = affine_hardswish_model()
+    result = quantize(model, conv_feeds(8))
+    notes = " | ".join(n.message for n in result.report.passes[0].notes)
+    assert "weight folds not applied: the folded float model moved an output by" in notes
+    assert "before quantizing" not in notes
+    for feed in conv_feeds(2, seed=9):
+        assert cosine(run(model, feed)[0], run(result.model, feed)[0]) > 0.99
+
+
 def test_channel_with_near_zero_weights_keeps_its_bias():
     """Weights of 1e-12 and a bias of 1.5: at scale input*weight the int32 bias would overflow."""
     model = conv_model()
