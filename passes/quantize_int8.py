@@ -386,7 +386,8 @@ def _fold_weights(model: onnx.ModelProto, feeds: list, notes: list[Note]) -> onn
     from between the integer kernels. PP-OCRv4 det's learnable affine blocks (a scalar Mul and Add
     after each Conv) and decomposed hard swish left float Mul/Add/Div there (onnxruntime ran 55 Add,
     53 Mul, 24 Div float), each behind a Dequantize and before a Quantize. Folded, its int8 model
-    runs 0.57x fp32 at 1 thread and 0.58x at 2, against 0.69x and 0.84x before (benchmarks/quantize.py)."""
+    runs 0.54-0.57x fp32 at 1 thread and 0.58-0.67x at 2 (two runs of benchmarks/quantize.py),
+    against 0.69x and 0.84x before."""
     from .cleanup import max_output_change, weight_folds
 
     folded, counts = weight_folds(model)
