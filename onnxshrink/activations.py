@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxShrinkError
-from .graph import all_names, opset_version, outer_scope_names, subgraphs, unique_name
+from .graph import all_names, attribute, opset_version, outer_scope_names, subgraphs, unique_name
 from .runtime import adapt_feeds, make_session
 
 Feed = dict[str, np.ndarray]
@@ -249,3 +249,33 @@ class Gram:
     def total(self) -> np.ndarray:
         self._flush()
         return self.sum
+
+
+def conv_patch_rows(value: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int]) -> np.ndarray | None:
+    """The input patches a 2-D Conv (group 1) multiplies its weight with, as rows [positions, C*kh*kw]
+    in the weight's own (C, kh, kw) order, so that rows @ W.reshape(O, -1).T is the Conv's output
+    without bias: a Conv is a MatMul over these rows, and its input Hessian is their Gram matrix.
+    None where the node is not that kind of Conv (grouped, auto_pad, not 2-D)."""
+    value = np.asarray(value)
+    if value.ndim != 4 or attribute(node, "group", 1) != 1 or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    kh, kw = kernel
+    strides = list(attribute(node, "strides", [1, 1]))
+    pads = list(attribute(node, "pads", [0, 0, 0, 0]))
+    dilations = list(attribute(node, "dilations", [1, 1]))
+    if len(strides) != 2 or len(pads) != 4 or len(dilations) != 2:
+        return None
+    padded = np.pad(value, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    batch, channels, height, width = padded.shape
+    rows_out = (height - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    cols_out = (width - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    if rows_out <= 0 or cols_out <= 0:
+        return None
+    patches = np.empty((batch, channels, kh, kw, rows_out, cols_out), value.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilations[0], j * dilations[1]
+            patches[:, :, i, j] = padded[:, :, top:top + strides[0] * (rows_out - 1) + 1:strides[0],
+                                         left:left + strides[1] * (cols_out - 1) + 1:strides[1]]
+    # [batch, C*kh*kw, positions] -> [batch * positions, C*kh*kw]
+    return patches.reshape(batch, channels * kh * kw, rows_out * cols_out).transpose(0, 2, 1).reshape(-1, channels * kh * kw)

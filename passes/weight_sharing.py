@@ -6,6 +6,12 @@
   stays 0.0, so pruning survives clustering. `init=linear` spreads the first centroids evenly
   between the smallest and largest weight (the paper found it best: the rare large weights
   matter most and density-based starts miss them); `kmeans++` draws them from the data.
+* `method=gptq` assigns the codes of MatMul/Gemm/Conv weights GPTQ-style: one input row at a time,
+  each rounding error spread over the rows not yet assigned through the layer-input Hessian, so
+  the layer's outputs on calibration data move less than nearest-value codes make them. A Conv
+  (group 1, 2-D) is a MatMul over its input patches (activations.conv_patch_rows); its Hessian is
+  their Gram matrix. YOLOv8n at 6 bits, one codebook per weight: class-score cosine 0.942 with
+  nearest values, 0.990 with GPTQ (measured).
 * `pq(subvector=d, centroids=k)`: product quantization. Each weight row (the weights one output
   reads: a Conv filter, a MatMul column, an embedding row) is cut into pieces of d consecutive
   values; the pieces at one position across all rows share a codebook of k vectors, and a row
@@ -28,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.activations import main_graph_tensors
+from onnxshrink.activations import Gram, conv_patch_rows, main_graph_tensors, stream_tensors, upstream_model
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.graph import all_names, attribute, constants_to_initializers, opset_version, unique_name
 from onnxshrink.options import PassOptions, option
@@ -56,9 +62,9 @@ class Cluster(Pass):
         init: str = option("linear", "first centroids: evenly spaced over the range, or k-means++ draws",
                            choices=("linear", "kmeans++"))
         iterations: int = option(30, "Lloyd iterations of k-means", low=1)
-        method: str = option("kmeans", "kmeans: each weight takes its nearest value; gptq: MatMul/Gemm rows take "
-                                       "theirs in turn, each rounding error compensated on the rows left (GPTQ, "
-                                       "from calibration Hessians)", choices=("kmeans", "gptq"))
+        method: str = option("kmeans", "kmeans: each weight takes its nearest value; gptq: MatMul/Gemm/Conv (group 1) "
+                                       "rows take theirs in turn, each rounding error compensated on the rows left "
+                                       "(GPTQ, from calibration Hessians)", choices=("kmeans", "gptq"))
         max_samples: int = option(64, "gptq: calibration samples for the layer-input Hessians", low=1)
         # Lower than svd's: the first decoder costs about 2 kB, later ones share its constants, and
         # 1,024 weights at 4 bits save 3.5 kB.
@@ -328,11 +334,16 @@ def _cluster(weight: np.ndarray, axis: int | None, opts, hessian: np.ndarray | N
     levels = 2 ** opts.bits
     per_channel = opts.scope == "channel" and axis is not None
     moved = np.moveaxis(weight, axis, 0) if per_channel else weight  # codes follow this order
-    gptq = hessian is not None and axis is not None and weight.ndim == 2
+    # MatMul/Gemm W[K, N] (outputs on `axis`) or Conv W[O, C, kh, kw] (outputs on axis 0, K = C*kh*kw)
+    gptq = hessian is not None and axis is not None and (weight.ndim == 2 or axis == 0) and \
+        hessian.shape[0] * weight.shape[axis] == weight.size
     importance = None
     if gptq:  # input energy of each weight's row of W[K, N], laid out like `moved`
         energy = np.maximum(np.diagonal(hessian), 0) / max(float(np.mean(np.diagonal(hessian))), 1e-30)
-        importance = energy[None, :] if per_channel or axis == 0 else energy[:, None]
+        if weight.ndim > 2:
+            importance = energy.reshape((1,) + weight.shape[1:])
+        else:
+            importance = energy[None, :] if per_channel or axis == 0 else energy[:, None]
     if per_channel:
         rows = moved.reshape(moved.shape[0], -1).astype(np.float64)
         if rows.shape[1] < 4 * levels:
@@ -349,7 +360,7 @@ def _cluster(weight: np.ndarray, axis: int | None, opts, hessian: np.ndarray | N
     assignment = ""
     if gptq:
         # [K, N] with the outputs as columns; each column reads its own codebook (or the shared one).
-        matrix = np.moveaxis(weight, axis, 0).T.astype(np.float64)
+        matrix = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).T.astype(np.float64)
         books = codebook if per_channel else np.broadcast_to(codebook, (matrix.shape[1], levels))
         assigned = _gptq_assign(matrix, books, hessian)  # [K, N]
         codes = assigned.T if per_channel else np.moveaxis(assigned.T, 0, axis).reshape(-1)
@@ -436,8 +447,9 @@ def _gptq_assign(matrix: np.ndarray, books: np.ndarray, hessian: np.ndarray) -> 
 
 
 def _input_hessians(model: onnx.ModelProto, opts, context: PassContext) -> dict[str, np.ndarray]:
-    """weight name -> sum x^T x of the one input that every reader multiplies it with (MatMul, or
-    Gemm without transA); weights read any other way keep the nearest-value assignment."""
+    """weight name -> sum x^T x of the one input that every reader multiplies it with (MatMul, Gemm
+    without transA, or a 2-D Conv of group 1, whose rows x are its input patches); weights read any
+    other way keep the nearest-value assignment."""
     tappable = main_graph_tensors(model)
     weights = {t.name: t for t in model.graph.initializer}
     readers: dict[str, list] = {}
@@ -447,24 +459,72 @@ def _input_hessians(model: onnx.ModelProto, opts, context: PassContext) -> dict[
                 readers.setdefault(name, []).append((node, position))
     sizes: dict[str, int] = {}
     wanted: dict[str, str] = {}
+    convs: dict[str, onnx.NodeProto] = {}
     for name, uses in readers.items():
-        dense = all(node.op_type in ("MatMul", "Gemm") and position == 1 and not attribute(node, "transA", 0)
-                    for node, position in uses)
+        dims = list(weights[name].dims)
         sources = {node.input[0] for node, _ in uses}
-        if not dense or len(sources) != 1 or len(weights[name].dims) != 2:
-            continue
-        (source,) = sources
-        if source not in tappable:
+        if len(sources) != 1 or next(iter(sources)) not in tappable:
             continue
         node = uses[0][0]
-        size = weights[name].dims[1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0]
-        sizes[source] = size
+        if len(uses) == 1 and _patch_conv(node, uses[0][1], dims):
+            convs[name] = node
+            continue
+        dense = all(node.op_type in ("MatMul", "Gemm") and position == 1 and not attribute(node, "transA", 0)
+                    for node, position in uses)
+        if not dense or len(dims) != 2:
+            continue
+        (source,) = sources
+        sizes[source] = dims[1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0]
         wanted[name] = source
     # prune's obs streams the same sums and leaves out the positions an attention_mask marks as padding.
     from .prune import _input_grams
 
     grams = _input_grams(model, None, sizes, opts.max_samples, context) if sizes else {}
-    return {name: grams[source][0][:-1, :-1] for name, source in wanted.items()}  # without the ones column
+    hessians = {name: grams[source][0][:-1, :-1] for name, source in wanted.items()}  # without the ones column
+    return hessians | _conv_hessians(model, convs, weights, opts.max_samples, context)
+
+
+# Patch Gram matrices summed in one pass over the calibration data; more take another pass.
+_CONV_GRAM_BYTES = 512 * 2**20
+
+
+def _patch_conv(node: onnx.NodeProto, position: int, dims: list[int]) -> bool:
+    return node.op_type == "Conv" and node.domain in ("", "ai.onnx") and position == 1 and len(dims) == 4 \
+        and attribute(node, "group", 1) == 1 and attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+
+
+def _conv_hessians(model, convs: dict[str, onnx.NodeProto], weights, max_samples: int, context) -> dict:
+    """weight name -> Gram matrix of its Conv's input patches [C*kh*kw]^2 over the calibration samples,
+    in passes that each hold at most _CONV_GRAM_BYTES of them (a 3x3 Conv over 512 channels alone
+    takes 170 MB)."""
+    from itertools import islice
+
+    batches, batch, held = [], [], 0
+    for name in convs:
+        size = int(np.prod(weights[name].dims[1:]))
+        if batch and held + size * size * 8 > _CONV_GRAM_BYTES:
+            batches.append(batch)
+            batch, held = [], 0
+        batch.append(name)
+        held += size * size * 8
+    batches += [batch] if batch else []
+    hessians = {}
+    for batch in batches:
+        sources = list(dict.fromkeys(convs[name].input[0] for name in batch))
+        grams = {name: Gram(int(np.prod(weights[name].dims[1:]))) for name in batch}
+        samples = islice(iter(context.data), max_samples)
+        for values in stream_tensors(upstream_model(model, sources), sources, samples, context.progress):
+            for name in batch:
+                node = convs[name]
+                if grams[name] is None:
+                    continue
+                rows = conv_patch_rows(values[node.input[0]], node, tuple(weights[name].dims[2:]))
+                if rows is None or rows.shape[1] != grams[name].size:
+                    grams[name] = None  # not a shape this Conv can be unfolded from: nearest values
+                else:
+                    grams[name].add(rows)
+        hessians |= {name: gram.total() for name, gram in grams.items() if gram is not None}
+    return hessians
 
 
 def _initial(sorted_sample: np.ndarray, count: int, init: str, rng) -> np.ndarray:

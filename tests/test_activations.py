@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.activations import main_graph_tensors, stream_extremes, stream_tensors
+from onnxshrink.activations import conv_patch_rows, main_graph_tensors, stream_extremes, stream_tensors
 
 
 def masked_model(opset):
@@ -64,3 +64,28 @@ def test_extremes_on_a_real_model(yolov8n_path):
             mean = tensors[name].astype(np.float64).mean(axis=(0, 2, 3))
             np.testing.assert_allclose(summaries[name].channel_sum / summaries[name].channel_count, mean,
                                        rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attrs", [{}, {"strides": [2, 2], "pads": [1, 1, 1, 1]},
+                                   {"strides": [1, 2], "pads": [0, 2, 1, 0], "dilations": [2, 1]}])
+def test_conv_patch_rows_times_the_weight_are_the_conv(attrs):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((5, 3, 3, 2)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    rows = conv_patch_rows(x, node, (3, 2))
+    got = (rows @ weight.reshape(5, -1).T).reshape(2, -1, 5).transpose(0, 2, 1).reshape(y.shape)
+    np.testing.assert_allclose(got, y, atol=1e-4)
+
+
+def test_conv_patch_rows_refuse_grouped_and_auto_pad_convs():
+    x = np.zeros((1, 4, 6, 6), np.float32)
+    assert conv_patch_rows(x, helper.make_node("Conv", ["x", "w"], ["y"], group=2), (3, 3)) is None
+    assert conv_patch_rows(x, helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER"), (3, 3)) is None
