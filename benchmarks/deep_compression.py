@@ -61,6 +61,7 @@ PLAN = {
     "yolov8n": [
         "prune(sparsity=0.5)",
         *[f"cluster(bits={b})" for b in (4, 6, 8)], "cluster(bits=6,scope=channel)",
+        "cluster(bits=6,method=gptq)", "cluster(bits=4,method=gptq)",
         "tucker(ratio=0.7,activation_aware=false)", *[f"tucker(ratio={r})" for r in (0.7, 0.9)],
         "tucker(energy=0.98)",
         "prune(sparsity=0.5),cluster(bits=6)",
@@ -68,7 +69,7 @@ PLAN = {
     ],
     "ppocr": [
         "prune(sparsity=0.5)",
-        *[f"cluster(bits={b})" for b in (4, 6, 8)],
+        *[f"cluster(bits={b})" for b in (4, 6, 8)], "cluster(bits=6,method=gptq)",
         "prune(sparsity=0.5),cluster(bits=6)",
     ],
 }
