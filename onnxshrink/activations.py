@@ -257,7 +257,7 @@ def conv_patch_rows(value: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, 
     without bias: a Conv is a MatMul over these rows, and its input Hessian is their Gram matrix.
     None where the node is not that kind of Conv (grouped, auto_pad, not 2-D)."""
     value = np.asarray(value)
-    if value.ndim != 4 or attribute(node, "group", 1) != 1 or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if value.ndim != 4 or not unfoldable_conv(node):
         return None
     kh, kw = kernel
     strides = list(attribute(node, "strides", [1, 1]))
@@ -279,3 +279,45 @@ def conv_patch_rows(value: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, 
                                          left:left + strides[1] * (cols_out - 1) + 1:strides[1]]
     # [batch, C*kh*kw, positions] -> [batch * positions, C*kh*kw]
     return patches.reshape(batch, channels * kh * kw, rows_out * cols_out).transpose(0, 2, 1).reshape(-1, channels * kh * kw)
+
+
+def unfoldable_conv(node: onnx.NodeProto) -> bool:
+    """A Conv that conv_patch_rows can unfold: group 1, explicit pads."""
+    return attribute(node, "group", 1) == 1 and attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+
+
+# Patch Gram matrices summed in one pass over the calibration data; more take another pass.
+CONV_GRAM_BYTES = 512 * 2**20
+
+
+def conv_input_grams(model: onnx.ModelProto, convs: dict[str, onnx.NodeProto], kernels: dict[str, tuple],
+                     samples: Callable[[], Iterable[Feed]], progress: Callable = lambda iterable, **_: iterable,
+                     ) -> dict[str, np.ndarray]:
+    """key -> Gram matrix [C*kh*kw]^2 of the input patches of Conv `convs[key]` (weight dims
+    `kernels[key]`, [O, C, kh, kw]) over the samples, in passes (each a fresh `samples()`) that
+    hold at most CONV_GRAM_BYTES of them: a 3x3 Conv over 512 channels alone takes 170 MB. A Conv
+    whose input cannot be unfolded (not 4-D) is left out."""
+    batches, batch, held = [], [], 0
+    for key in convs:
+        size = int(np.prod(kernels[key][1:]))
+        if batch and held + size * size * 8 > CONV_GRAM_BYTES:
+            batches.append(batch)
+            batch, held = [], 0
+        batch.append(key)
+        held += size * size * 8
+    batches += [batch] if batch else []
+    found = {}
+    for batch in batches:
+        sources = list(dict.fromkeys(convs[key].input[0] for key in batch))
+        grams: dict[str, Gram | None] = {key: Gram(int(np.prod(kernels[key][1:]))) for key in batch}
+        for values in stream_tensors(upstream_model(model, sources), sources, samples(), progress):
+            for key in batch:
+                if grams[key] is None:
+                    continue
+                rows = conv_patch_rows(values[convs[key].input[0]], convs[key], tuple(kernels[key][2:]))
+                if rows is None or rows.shape[1] != grams[key].size:
+                    grams[key] = None  # not a shape this Conv can be unfolded from
+                else:
+                    grams[key].add(rows)
+        found |= {key: gram.total() for key, gram in grams.items() if gram is not None}
+    return found

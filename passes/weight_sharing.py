@@ -29,12 +29,13 @@ Conv and ConvTranspose and the tables of Gather (embeddings).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.activations import Gram, conv_patch_rows, main_graph_tensors, stream_tensors, upstream_model
+from onnxshrink.activations import conv_input_grams, main_graph_tensors, unfoldable_conv
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.graph import all_names, attribute, constants_to_initializers, opset_version, unique_name
 from onnxshrink.options import PassOptions, option
@@ -481,50 +482,14 @@ def _input_hessians(model: onnx.ModelProto, opts, context: PassContext) -> dict[
 
     grams = _input_grams(model, None, sizes, opts.max_samples, context) if sizes else {}
     hessians = {name: grams[source][0][:-1, :-1] for name, source in wanted.items()}  # without the ones column
-    return hessians | _conv_hessians(model, convs, weights, opts.max_samples, context)
-
-
-# Patch Gram matrices summed in one pass over the calibration data; more take another pass.
-_CONV_GRAM_BYTES = 512 * 2**20
+    kernels = {name: tuple(weights[name].dims) for name in convs}
+    samples = lambda: islice(iter(context.data), opts.max_samples)  # noqa: E731 - one fresh stream per pass
+    return hessians | conv_input_grams(model, convs, kernels, samples, context.progress)
 
 
 def _patch_conv(node: onnx.NodeProto, position: int, dims: list[int]) -> bool:
     return node.op_type == "Conv" and node.domain in ("", "ai.onnx") and position == 1 and len(dims) == 4 \
-        and attribute(node, "group", 1) == 1 and attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
-
-
-def _conv_hessians(model, convs: dict[str, onnx.NodeProto], weights, max_samples: int, context) -> dict:
-    """weight name -> Gram matrix of its Conv's input patches [C*kh*kw]^2 over the calibration samples,
-    in passes that each hold at most _CONV_GRAM_BYTES of them (a 3x3 Conv over 512 channels alone
-    takes 170 MB)."""
-    from itertools import islice
-
-    batches, batch, held = [], [], 0
-    for name in convs:
-        size = int(np.prod(weights[name].dims[1:]))
-        if batch and held + size * size * 8 > _CONV_GRAM_BYTES:
-            batches.append(batch)
-            batch, held = [], 0
-        batch.append(name)
-        held += size * size * 8
-    batches += [batch] if batch else []
-    hessians = {}
-    for batch in batches:
-        sources = list(dict.fromkeys(convs[name].input[0] for name in batch))
-        grams = {name: Gram(int(np.prod(weights[name].dims[1:]))) for name in batch}
-        samples = islice(iter(context.data), max_samples)
-        for values in stream_tensors(upstream_model(model, sources), sources, samples, context.progress):
-            for name in batch:
-                node = convs[name]
-                if grams[name] is None:
-                    continue
-                rows = conv_patch_rows(values[node.input[0]], node, tuple(weights[name].dims[2:]))
-                if rows is None or rows.shape[1] != grams[name].size:
-                    grams[name] = None  # not a shape this Conv can be unfolded from: nearest values
-                else:
-                    grams[name].add(rows)
-        hessians |= {name: gram.total() for name, gram in grams.items() if gram is not None}
-    return hessians
+        and unfoldable_conv(node)
 
 
 def _initial(sorted_sample: np.ndarray, count: int, init: str, rng) -> np.ndarray:
