@@ -7,6 +7,10 @@
   the columns not yet visited, so the layer's outputs move far less than the zeroed mass suggests.
   N:M groups are chosen when the solver reaches them, from weights that already carry the
   earlier columns' updates.
+* A Conv of group 1 is a MatMul over its input patches (activations.conv_patch_rows), so obs
+  prunes it with their Gram matrix as the Hessian, fit to its own dense outputs (the refit and
+  bias match below are for MatMul/Gemm). YOLOv8n at 50%: class-score cosine 0.135 with magnitude,
+  0.732 with obs, on photos 16..47 (measured); grouped Convs keep magnitude.
 * obs prunes layer by layer in graph order (`sequential`): a layer's Hessian comes from the inputs
   X' its already pruned predecessors give it, and (`target=original`) the layer is fit to the
   unpruned model's outputs [X 1][W; b], not to its own outputs on X': its weights are first refit
@@ -42,7 +46,8 @@ import onnx
 import scipy.linalg
 from onnx import TensorProto, numpy_helper
 
-from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors, upstream_model
+from onnxshrink.activations import (Gram, conv_input_grams, main_graph_tensors, stream_tensors, unfoldable_conv,
+                                   upstream_model)
 from onnxshrink.errors import OnnxShrinkError, UsageError
 from onnxshrink.graph import attribute, constants_to_initializers, outer_scope_names, subgraphs
 from onnxshrink.io import load
@@ -63,7 +68,8 @@ class Prune(Pass):
         sparsity: float = option(0.5, "fraction of each layer's weights (or channels) removed; N:M patterns fix it "
                                       "at 1 - N/M", low=0, high=1, high_exclusive=True)
         method: str = option("magnitude", "magnitude: smallest |w|; obs: second-order one-shot pruning with "
-                                          "weight updates from calibration data (MatMul/Gemm)", choices=("magnitude", "obs"))
+                                          "weight updates from calibration data (MatMul/Gemm, Conv of group 1)",
+                             choices=("magnitude", "obs"))
         pattern: str = option("unstructured", "where zeros may go", choices=PATTERNS)
         scope: str = option("layer", "layer: each layer to `sparsity`; global: one magnitude threshold for all; "
                                      "auto: per-layer sparsities from measured sensitivity (unstructured)",
@@ -132,7 +138,8 @@ class Prune(Pass):
             if not (obs and layer.supports_obs):
                 pruned = _magnitude(layer.matrix(weights), targets[layer.weight], n_m)
                 layer.store(weights, pruned)
-                done[layer.weight] = "magnitude" + (" (obs needs a MatMul/Gemm)" if obs else "") + _zeros(pruned)
+                done[layer.weight] = "magnitude" + (" (obs needs a MatMul/Gemm or a Conv of group 1)" if obs else "") + \
+                    _zeros(pruned)
         if obs:
             done |= self._obs(model, original, [l for l in layers if l.supports_obs], targets, n_m, context)
         notes += [Note(layer.where, done[layer.weight]) for layer in layers]
@@ -151,10 +158,20 @@ class Prune(Pass):
                 pruned = _magnitude(layer.matrix(weights), targets[layer.weight], n_m)
                 layer.store(weights, pruned)
                 done[layer.weight] = "magnitude (obs: the layer input is a constant)" + _zeros(pruned)
-        sizes = {source: group[0].matrix(weights).shape[0] for source, group in stages.items()}
-        if stages and not opts.sequential:
+        convs = {source: [l for l in group if l.node.op_type == "Conv"] for source, group in stages.items()}
+        stages = {source: [l for l in group if l.node.op_type != "Conv"] for source, group in stages.items()}
+        sizes = {source: group[0].matrix(weights).shape[0] for source, group in stages.items() if group}
+        if sizes and not opts.sequential:
             grams = _input_grams(model, None, sizes, opts.max_samples, context)
+        patch_grams = self._patch_grams(model, [l for group in convs.values() for l in group], weights, context) \
+            if not opts.sequential else {}
         for source, group in stages.items():
+            if opts.sequential and convs[source]:  # the model as pruned so far
+                patch_grams = self._patch_grams(model, convs[source], weights, context)
+            for layer in convs[source]:
+                done[layer.weight] = self._obs_conv(layer, weights, patch_grams.get(layer.weight), targets, n_m)
+            if not group:
+                continue
             if opts.sequential:  # the model as pruned so far, and the original, on the same samples
                 grams = _input_grams(model, original, {source: sizes[source]}, opts.max_samples, context)
             inner, cross = grams[source]
@@ -172,6 +189,29 @@ class Prune(Pass):
                     weights[bias].CopyFrom(numpy_helper.from_array(matched.astype(np.float32), bias))
                     done[layer.weight] += f"; bias '{bias}' refit"
         return done
+
+    def _patch_grams(self, model, layers: list["Layer"], weights, context) -> dict[str, np.ndarray]:
+        """weight name -> Gram matrix of its Conv's input patches over the calibration samples."""
+        if not layers:
+            return {}
+        samples = lambda: islice(iter(context.data), self.options.max_samples)  # noqa: E731 - fresh per pass
+        return conv_input_grams(model, {l.weight: l.node for l in layers},
+                                {l.weight: tuple(weights[l.weight].dims) for l in layers}, samples, context.progress)
+
+    def _obs_conv(self, layer: "Layer", weights, gram: np.ndarray | None, targets, n_m) -> str:
+        """SparseGPT on a Conv with its patch Hessian, fit to its own dense outputs (no refit or bias
+        match: those need the original model's patches too). Magnitude where the input could not
+        be unfolded."""
+        matrix = layer.matrix(weights)
+        if gram is None or len(weights[layer.weight].dims) != 4:
+            pruned = _magnitude(matrix, targets[layer.weight], n_m)
+            layer.store(weights, pruned)
+            return "magnitude (obs: the Conv input could not be unfolded into patches)" + _zeros(pruned)
+        order = layer.patch_order()
+        pruned = sparsegpt(matrix, gram[np.ix_(order, order)], targets[layer.weight], n_m, self.options.block,
+                           self.options.damping)
+        layer.store(weights, pruned)
+        return "obs (Hessian of the input patches)" + _zeros(pruned)
 
     def _layers(self, model) -> tuple[list["Layer"], list[Note]]:
         opts = self.options
@@ -228,7 +268,14 @@ class Layer:
 
     @property
     def supports_obs(self) -> bool:
+        if self.node.op_type == "Conv":  # through its input patches (activations.conv_patch_rows)
+            return unfoldable_conv(self.node)
         return self.node.op_type == "MatMul" or (self.node.op_type == "Gemm" and not attribute(self.node, "transA", 0))
+
+    def patch_order(self) -> np.ndarray:
+        """For a Conv: the patch position (C, kh, kw order) of each row of `matrix` ((kh, kw, C) order)."""
+        _, channels, kh, kw = self._tensor.dims
+        return np.arange(channels * kh * kw).reshape(channels, kh, kw).transpose(1, 2, 0).reshape(-1)
 
     def matrix(self, weights) -> np.ndarray:
         self._tensor = weights[self.weight]
