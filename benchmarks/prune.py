@@ -75,11 +75,12 @@ PLAN = {
     "minilm": [*unstructured((0.5,)), *unstructured((0.7, 0.8), reconstruct=False),
                "prune(pattern=2:4)", "prune(pattern=2:4,method=obs)",
                *onnxsim_rows(magnitude=(0.5,), sparsegpt=(0.5,), nm=True)],
-    # All Conv: obs is a MatMul/Gemm method; whole channels are what speed these up.
-    "yolov8n": ["prune(sparsity=0.5)", "prune(pattern=channel,sparsity=0.3)", "prune(pattern=channel,sparsity=0.3),reconstruct",
+    # All Conv: obs goes through the input patches (no refit); whole channels are what speed these up.
+    "yolov8n": ["prune(sparsity=0.5)", "prune(sparsity=0.5,method=obs)", "prune(sparsity=0.5,method=obs),reconstruct",
+                "prune(pattern=channel,sparsity=0.3)", "prune(pattern=channel,sparsity=0.3),reconstruct",
                 "prune(pattern=channel,sparsity=0.3,round_to=8),reconstruct",
                 *onnxsim_rows(magnitude=(0.5,), structured=(0.3,))],
-    "ppocr": ["prune(sparsity=0.5)", "prune(pattern=channel,sparsity=0.3)", "prune(pattern=channel,sparsity=0.3),reconstruct",
+    "ppocr": ["prune(sparsity=0.5)", "prune(sparsity=0.5,method=obs)", "prune(pattern=channel,sparsity=0.3)", "prune(pattern=channel,sparsity=0.3),reconstruct",
               "prune(pattern=channel,sparsity=0.1,round_to=8),reconstruct",
               *onnxsim_rows(magnitude=(0.5,), structured=(0.3,))],
 }
