@@ -256,8 +256,31 @@ def conv_patch_rows(value: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, 
     in the weight's own (C, kh, kw) order, so that rows @ W.reshape(O, -1).T is the Conv's output
     without bias: a Conv is a MatMul over these rows, and its input Hessian is their Gram matrix.
     None where the node is not that kind of Conv (grouped, auto_pad, not 2-D)."""
+    patches = _patches(value, node, kernel) if attribute(node, "group", 1) == 1 else None
+    if patches is None:
+        return None
+    batch, channels, taps, positions = patches.shape
+    return patches.reshape(batch, channels * taps, positions).transpose(0, 2, 1).reshape(-1, channels * taps)
+
+
+def depthwise_patch_rows(value: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int]) -> np.ndarray | None:
+    """For a depthwise Conv (group = input channels): its patches per channel, [C, positions, kh*kw].
+    Output channel o reads input channel o // (outputs per channel), and its Hessian is that
+    channel's Gram matrix [kh*kw, kh*kw]."""
     value = np.asarray(value)
-    if value.ndim != 4 or not unfoldable_conv(node):
+    if value.ndim != 4 or attribute(node, "group", 1) != value.shape[1]:
+        return None
+    patches = _patches(value, node, kernel)
+    if patches is None:
+        return None
+    batch, channels, taps, positions = patches.shape
+    return patches.transpose(1, 0, 3, 2).reshape(channels, batch * positions, taps)
+
+
+def _patches(value: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int]) -> np.ndarray | None:
+    """[batch, C, kh*kw, positions]: what each output position of a 2-D Conv reads, or None."""
+    value = np.asarray(value)
+    if value.ndim != 4 or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return None
     kh, kw = kernel
     strides = list(attribute(node, "strides", [1, 1]))
@@ -277,13 +300,18 @@ def conv_patch_rows(value: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, 
             top, left = i * dilations[0], j * dilations[1]
             patches[:, :, i, j] = padded[:, :, top:top + strides[0] * (rows_out - 1) + 1:strides[0],
                                          left:left + strides[1] * (cols_out - 1) + 1:strides[1]]
-    # [batch, C*kh*kw, positions] -> [batch * positions, C*kh*kw]
-    return patches.reshape(batch, channels * kh * kw, rows_out * cols_out).transpose(0, 2, 1).reshape(-1, channels * kh * kw)
+    return patches.reshape(batch, channels, kh * kw, rows_out * cols_out)
 
 
-def unfoldable_conv(node: onnx.NodeProto) -> bool:
-    """A Conv that conv_patch_rows can unfold: group 1, explicit pads."""
-    return attribute(node, "group", 1) == 1 and attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+def patch_kind(node: onnx.NodeProto, dims: list[int]) -> str | None:
+    """How conv_input_grams unfolds a Conv with weight dims [O, C/group, kh, kw]: "dense" (group 1),
+    "depthwise" (one input channel per group), else None. Explicit pads only."""
+    if node.op_type != "Conv" or len(dims) != 4 or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    group = attribute(node, "group", 1)
+    if group == 1:
+        return "dense"
+    return "depthwise" if dims[1] == 1 and dims[0] % group == 0 else None
 
 
 # Patch Gram matrices summed in one pass over the calibration data; more take another pass.
@@ -293,31 +321,48 @@ CONV_GRAM_BYTES = 512 * 2**20
 def conv_input_grams(model: onnx.ModelProto, convs: dict[str, onnx.NodeProto], kernels: dict[str, tuple],
                      samples: Callable[[], Iterable[Feed]], progress: Callable = lambda iterable, **_: iterable,
                      ) -> dict[str, np.ndarray]:
-    """key -> Gram matrix [C*kh*kw]^2 of the input patches of Conv `convs[key]` (weight dims
-    `kernels[key]`, [O, C, kh, kw]) over the samples, in passes (each a fresh `samples()`) that
-    hold at most CONV_GRAM_BYTES of them: a 3x3 Conv over 512 channels alone takes 170 MB. A Conv
-    whose input cannot be unfolded (not 4-D) is left out."""
+    """key -> the input-patch Gram matrix of Conv `convs[key]` (weight dims `kernels[key]`,
+    [O, C/group, kh, kw]) over the samples: [C*kh*kw]^2 for group 1, [C, kh*kw, kh*kw] (one per
+    input channel) for a depthwise Conv (patch_kind). Summed in passes (each a fresh `samples()`)
+    that hold at most CONV_GRAM_BYTES of them: a 3x3 Conv over 512 channels alone takes 170 MB.
+    A Conv whose input cannot be unfolded is left out."""
+    kinds = {key: patch_kind(convs[key], list(kernels[key])) for key in convs}
+
+    def size(key):
+        o, c, kh, kw = kernels[key]
+        return (c * kh * kw) ** 2 if kinds[key] == "dense" else attribute(convs[key], "group", 1) * (kh * kw) ** 2
+
     batches, batch, held = [], [], 0
-    for key in convs:
-        size = int(np.prod(kernels[key][1:]))
-        if batch and held + size * size * 8 > CONV_GRAM_BYTES:
+    for key in (k for k in convs if kinds[k]):
+        if batch and held + size(key) * 8 > CONV_GRAM_BYTES:
             batches.append(batch)
             batch, held = [], 0
         batch.append(key)
-        held += size * size * 8
+        held += size(key) * 8
     batches += [batch] if batch else []
     found = {}
     for batch in batches:
         sources = list(dict.fromkeys(convs[key].input[0] for key in batch))
-        grams: dict[str, Gram | None] = {key: Gram(int(np.prod(kernels[key][1:]))) for key in batch}
+        grams: dict = {key: Gram(int(np.prod(kernels[key][1:]))) if kinds[key] == "dense" else 0.0 for key in batch}
         for values in stream_tensors(upstream_model(model, sources), sources, samples(), progress):
             for key in batch:
                 if grams[key] is None:
                     continue
-                rows = conv_patch_rows(values[convs[key].input[0]], convs[key], tuple(kernels[key][2:]))
-                if rows is None or rows.shape[1] != grams[key].size:
-                    grams[key] = None  # not a shape this Conv can be unfolded from
+                value, kernel = values[convs[key].input[0]], tuple(kernels[key][2:])
+                if kinds[key] == "dense":
+                    rows = conv_patch_rows(value, convs[key], kernel)
+                    if rows is None or rows.shape[1] != grams[key].size:
+                        grams[key] = None  # not a shape this Conv can be unfolded from
+                    else:
+                        grams[key].add(rows)
                 else:
-                    grams[key].add(rows)
-        found |= {key: gram.total() for key, gram in grams.items() if gram is not None}
+                    rows = depthwise_patch_rows(value, convs[key], kernel)
+                    if rows is None:
+                        grams[key] = None
+                    else:
+                        rows = rows.astype(np.float64)
+                        grams[key] = grams[key] + np.einsum("cpk,cpl->ckl", rows, rows)
+        # A depthwise sum still at 0.0 saw no sample.
+        found |= {key: gram.total() if isinstance(gram, Gram) else gram for key, gram in grams.items()
+                  if gram is not None and not isinstance(gram, float)}
     return found

@@ -5,7 +5,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.activations import conv_patch_rows, main_graph_tensors, stream_extremes, stream_tensors
+from onnxshrink.activations import (conv_input_grams, conv_patch_rows, depthwise_patch_rows, main_graph_tensors,
+                                   stream_extremes, stream_tensors)
 
 
 def masked_model(opset):
@@ -89,3 +90,24 @@ def test_conv_patch_rows_refuse_grouped_and_auto_pad_convs():
     x = np.zeros((1, 4, 6, 6), np.float32)
     assert conv_patch_rows(x, helper.make_node("Conv", ["x", "w"], ["y"], group=2), (3, 3)) is None
     assert conv_patch_rows(x, helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER"), (3, 3)) is None
+
+
+def test_depthwise_patch_rows_times_each_filter_are_the_conv():
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)  # 4 channels, 2 outputs each
+    x = rng.standard_normal((2, 4, 7, 6)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=4, pads=[1, 1, 1, 1], strides=[2, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    rows = depthwise_patch_rows(x, node, (3, 3))  # [channels, batch * positions, taps]
+    assert rows.shape == (4, 2 * y.shape[2] * y.shape[3], 9)
+    for o in range(8):
+        got = (rows[o // 2] @ weight[o].reshape(-1)).reshape(2, y.shape[2], y.shape[3])
+        np.testing.assert_allclose(got, y[:, o], atol=1e-4)
+    grams = conv_input_grams(model, {"w": node}, {"w": weight.shape}, lambda: [{"x": x}])
+    np.testing.assert_allclose(grams["w"], np.einsum("cpk,cpl->ckl", rows.astype(np.float64), rows), rtol=1e-6)

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.passes.prune import _magnitude, sparsegpt
+from onnxshrink.passes.prune import _magnitude, sparsegpt, sparsegpt_columns
 from helpers import run
 
 
@@ -166,6 +166,38 @@ def smooth_images(count, seed):
     x = rng.standard_normal((count, 12, 12, 16)) @ mix
     x = sum(x[:, i:i + 10, j:j + 10] for i in range(3) for j in range(3))
     return [{"x": image[None].transpose(0, 3, 1, 2).astype(np.float32)} for image in x]
+
+
+def test_sparsegpt_columns_with_one_shared_hessian_is_sparsegpt():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((400, 9)) @ rng.standard_normal((9, 9))
+    weight = rng.standard_normal((9, 24))
+    shared = np.broadcast_to(x.T @ x, (24, 9, 9))
+    np.testing.assert_allclose(sparsegpt_columns(weight, shared, 0.5), sparsegpt(weight, x.T @ x, 0.5, None),
+                               atol=1e-12)
+
+
+def test_obs_prunes_a_depthwise_conv_channel_by_channel():
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=16, pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 10, 10])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calibration, test = smooth_images(16, 1), smooth_images(8, 2)
+    reference = np.concatenate([run(model, f)[0] for f in test])
+    errors = {}
+    for method in ("magnitude", "obs"):
+        result = onnxshrink.compress(model, f"prune(sparsity=0.5,method={method},min_elements=16)",
+                                     calibration=calibration)
+        (note,) = result.report.passes[0].notes
+        expected = "obs (Hessians of each channel's input patches)" if method == "obs" else "magnitude"
+        assert note.message.startswith(expected)
+        assert np.mean(weights_of(result.model)["w"] == 0) == pytest.approx(0.5, abs=0.01)
+        got = np.concatenate([run(result.model, f)[0] for f in test])
+        errors[method] = np.linalg.norm(got - reference) / np.linalg.norm(reference)
+    assert errors["obs"] < 0.8 * errors["magnitude"], errors
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
