@@ -209,6 +209,10 @@ class Prune(Pass):
             pruned = _magnitude(matrix, targets[layer.weight], n_m)
             layer.store(weights, pruned)
             return "magnitude (obs: the Conv input could not be unfolded into patches)" + _zeros(pruned)
+        if gram.ndim == 3 and n_m:  # sparsegpt_columns chooses zeros over the whole layer, not per group
+            pruned = _magnitude(matrix, targets[layer.weight], n_m)
+            layer.store(weights, pruned)
+            return "magnitude (obs: N:M on a depthwise Conv)" + _zeros(pruned)
         if gram.ndim == 3:  # depthwise: output o reads input channel o // (outputs per channel)
             per_channel = matrix.shape[1] // gram.shape[0]
             hessians = gram[np.arange(matrix.shape[1]) // per_channel]

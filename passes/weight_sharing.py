@@ -461,8 +461,8 @@ def _gptq_assign(matrix: np.ndarray, books: np.ndarray, hessian: np.ndarray) -> 
 
 def _input_hessians(model: onnx.ModelProto, opts, context: PassContext) -> dict[str, np.ndarray]:
     """weight name -> sum x^T x of the one input that every reader multiplies it with (MatMul, Gemm
-    without transA, or a 2-D Conv of group 1, whose rows x are its input patches); weights read any
-    other way keep the nearest-value assignment."""
+    without transA, or a 2-D Conv of group 1 or depthwise, whose rows x are its input patches; a
+    depthwise Conv gets one per channel); weights read any other way keep the nearest-value assignment."""
     tappable = main_graph_tensors(model)
     weights = {t.name: t for t in model.graph.initializer}
     readers: dict[str, list] = {}

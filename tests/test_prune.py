@@ -200,6 +200,21 @@ def test_obs_prunes_a_depthwise_conv_channel_by_channel():
     assert errors["obs"] < 0.8 * errors["magnitude"], errors
 
 
+def test_two_of_four_on_a_depthwise_conv_keeps_the_pattern():
+    """sparsegpt_columns picks zeros over the whole layer; for N:M the depthwise Conv takes magnitude."""
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((16, 1, 2, 2)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=16)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 5, 5])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((1, 16, 6, 6)).astype(np.float32)} for _ in range(4)]
+    result = onnxshrink.compress(model, "prune(pattern=2:4,method=obs,min_elements=16)", calibration=feeds)
+    assert result.report.passes[0].notes[0].message.startswith("magnitude (obs: N:M on a depthwise Conv)")
+    assert np.all(np.sum(weights_of(result.model)["w"].reshape(16, 4) != 0, axis=1) == 2)
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_obs_prunes_convs_through_their_input_patches(pattern):
     model, calibration, test = conv_pair(), smooth_images(16, 1), smooth_images(8, 2)
