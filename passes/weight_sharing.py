@@ -12,7 +12,8 @@
   (group 1, 2-D) is a MatMul over its input patches (activations.conv_patch_rows); its Hessian is
   their Gram matrix; a depthwise Conv has one per channel. At 6 bits, one codebook per weight:
   YOLOv8n's class-score cosine 0.942 with nearest values, 0.990 with GPTQ; PP-OCRv4 det's text-mask
-  IoU 0.647, 0.953 (measured).
+  IoU 0.647, 0.953 (measured). The default, `method=auto`, takes gptq whenever the pipeline has real
+  calibration data and nearest values otherwise (synthesized inputs say nothing about what matters).
 * `pq(subvector=d, centroids=k)`: product quantization. Each weight row (the weights one output
   reads: a Conv filter, a MatMul column, an embedding row) is cut into pieces of d consecutive
   values; the pieces at one position across all rows share a codebook of k vectors, and a row
@@ -64,9 +65,11 @@ class Cluster(Pass):
         init: str = option("linear", "first centroids: evenly spaced over the range, or k-means++ draws",
                            choices=("linear", "kmeans++"))
         iterations: int = option(30, "Lloyd iterations of k-means", low=1)
-        method: str = option("kmeans", "kmeans: each weight takes its nearest value; gptq: MatMul/Gemm/Conv (group 1 "
-                                       "or depthwise) rows take theirs in turn, each rounding error compensated on "
-                                       "the rows left (GPTQ, from calibration Hessians)", choices=("kmeans", "gptq"))
+        method: str = option("auto", "kmeans: each weight takes its nearest value; gptq: MatMul/Gemm/Conv (group 1 "
+                                     "or depthwise) rows take theirs in turn, each rounding error compensated on "
+                                     "the rows left (GPTQ, from calibration Hessians); auto: gptq where the "
+                                     "pipeline has real calibration data (--calib), else kmeans",
+                             choices=("auto", "kmeans", "gptq"))
         max_samples: int = option(64, "gptq: calibration samples for the layer-input Hessians", low=1)
         # Lower than svd's: the first decoder costs about 2 kB, later ones share its constants, and
         # 1,024 weights at 4 bits save 3.5 kB.
@@ -80,13 +83,21 @@ class Cluster(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
         opts = self.options
         hessians: dict[str, np.ndarray] = {}
-        if opts.method == "gptq":
+        notes: list[Note] = []
+        method = opts.method
+        if method == "auto":
+            # Synthesized inputs say nothing about which outputs matter: nearest values then.
+            method = "gptq" if context.data is not None and context.data_is_real else "kmeans"
+            if method == "gptq":
+                notes.append(Note("(graph)", "method=auto: GPTQ assignment, from the real calibration data given"))
+        if method == "gptq":
             if context.data is None:
                 raise OnnxShrinkError("cluster(method=gptq) needs calibration data (--calib)")
             constants_to_initializers(model.graph)
             hessians = _input_hessians(model, opts, context)
-        return _share(model, opts, lambda weight, axis, name: _cluster(weight, axis, opts, hessians.get(name)),
-                      "cluster")
+        result = _share(model, opts, lambda weight, axis, name: _cluster(weight, axis, opts, hessians.get(name)),
+                        "cluster")
+        return PassOutput(result.model, result.notes + notes)
 
 
 @register_pass("pq")

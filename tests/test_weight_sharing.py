@@ -142,8 +142,10 @@ def test_reconstruct_refits_the_codebook_and_keeps_zeros():
     weight[rng.random(weight.shape) < 0.5] = 0
     model = layer_model(weight)
     x = (rng.standard_normal((256, 48)) * np.geomspace(3, 0.1, 48)).astype(np.float32)  # unequal inputs
-    clustered = onnxshrink.compress(model, "cluster(bits=2,min_elements=16)", samples=1).model
-    result = onnxshrink.compress(model, "cluster(bits=2,min_elements=16),reconstruct", calibration=[{"x": x}])
+    # method=kmeans: the codes the refit starts from are the nearest ones in both runs
+    clustered = onnxshrink.compress(model, "cluster(bits=2,method=kmeans,min_elements=16)", samples=1).model
+    result = onnxshrink.compress(model, "cluster(bits=2,method=kmeans,min_elements=16),reconstruct",
+                                 calibration=[{"x": x}])
     (_, refit) = result.report.passes
     assert refit.status == "applied" and "3 codebook values" in refit.notes[0].message
     rebuilt = rebuilt_weight(result.model)
@@ -166,7 +168,7 @@ def test_reconstruct_refits_channel_codebooks_column_by_column(op):
     model = layer_model(stored, op)
     mix = rng.standard_normal((64, 64)) * np.geomspace(3, 0.05, 64)
     x, test = ((rng.standard_normal((n, 64)) @ mix).astype(np.float32) for n in (512, 256))
-    spec = "cluster(bits=2,scope=channel,min_elements=16)"
+    spec = "cluster(bits=2,scope=channel,method=kmeans,min_elements=16)"  # the same codes with data or without
     clustered = onnxshrink.compress(model, spec, samples=1).model
     result = onnxshrink.compress(model, spec + ",reconstruct", calibration=[{"x": x}])
     refit = result.report.passes[1]
