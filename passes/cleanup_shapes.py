@@ -926,16 +926,23 @@ def _propagate(op, node, inputs: Inputs) -> Partial | None:
 # --------------------------------------------------------------------------
 # onnx's shape inference, on declared input shapes only
 # --------------------------------------------------------------------------
-def onnx_inferred(model: onnx.ModelProto) -> dict:
+def onnx_inferred(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
     """name -> (elem_type, dims) from onnx shape inference, where dims are ints or None (unknown), or
     dims None for an unknown rank. Run on a copy without large initializer data, without value_info and
-    without declared output shapes, so that nothing but the graph inputs' declared shapes feeds it."""
+    without declared output shapes, so that nothing but the graph inputs' declared shapes feeds it;
+    `input_shapes` (input name -> sizes, e.g. a feed's) replaces those of the inputs it names."""
     skeleton = onnx.ModelProto()
     skeleton.ir_version = max(model.ir_version, 4)
     skeleton.opset_import.extend(model.opset_import)
     skeleton.functions.extend(model.functions)
     graph = skeleton.graph
     graph.CopyFrom(_skeleton_graph(model.graph, main=True))
+    for value in graph.input:
+        if input_shapes and value.name in input_shapes and value.type.HasField("tensor_type"):
+            shape = value.type.tensor_type.shape
+            del shape.dim[:]
+            for size in input_shapes[value.name]:
+                shape.dim.add().dim_value = int(size)
     declared_inputs = {i.name for i in graph.input}
     for tensor in model.graph.initializer:
         if tensor.name in declared_inputs:

@@ -129,28 +129,15 @@ def keep_front_float(meter: DriftMeter, model: onnx.ModelProto, build, weighted:
 def multiply_adds(model: onnx.ModelProto, feed: dict) -> dict[str, int]:
     """Conv/ConvTranspose/MatMul/Gemm node name -> multiply-adds for one run on `feed`, from shapes
     inferred with the feed's input shapes; nodes whose shapes stay unknown are left out."""
-    sized = onnx.ModelProto()
-    sized.CopyFrom(model)
-    for value in sized.graph.input:
-        if value.name in feed and value.type.HasField("tensor_type"):
-            shape = value.type.tensor_type.shape
-            del shape.dim[:]
-            for size in np.shape(feed[value.name]):
-                shape.dim.add().dim_value = int(size)
-    try:
-        graph = onnx.shape_inference.infer_shapes(sized, strict_mode=False).graph
-    except Exception:  # noqa: BLE001 - shapes are an estimate; without them there is no front
-        return {}
-    shapes = {}
-    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
-        if not value.type.tensor_type.HasField("shape"):
-            continue  # rank unknown (PP-OCR cls: a Reshape to a computed shape), not rank 0
-        dims = value.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [d.dim_value for d in dims]
-    shapes.update({t.name: list(t.dims) for t in graph.initializer})
+    from .cleanup_shapes import onnx_inferred
+
+    inferred = onnx_inferred(model, {name: np.shape(value) for name, value in feed.items()})
+    # A rank onnx could not infer comes as None (PP-OCR cls: a Reshape to a computed shape), not as rank 0.
+    shapes = {name: list(dims) for name, (_, dims) in inferred.items()
+              if dims is not None and all(d is not None for d in dims)}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
     costs = {}
-    for node in graph.node:
+    for node in model.graph.node:
         inputs = [shapes.get(name) for name in node.input[:2]]
         out = shapes.get(node.output[0]) if node.output else None
         if node.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or None in inputs or out is None:
