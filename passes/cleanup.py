@@ -203,18 +203,20 @@ def _check_samples(model: onnx.ModelProto, context: PassContext) -> tuple[list, 
         return [], str(exc)[:80]
 
 
-def max_output_change(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list) -> float | None:
+def max_output_change(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list,
+                      expected: list | None = None) -> float | None:
     """The largest change of any output on `feeds`, relative to its largest magnitude (None: a
-    model does not run; inf: an output changed shape or type)."""
+    model does not run; inf: an output changed shape or type). `expected`: the reference's outputs
+    on `feeds`, where the caller has them already."""
     from onnxshrink.fidelity import output_metrics, summarize
     from onnxshrink.runtime import make_session, run_all
 
     try:
-        before = make_session(reference, threads=1)
-        names = [o.name for o in before.get_outputs()]
-        expected = run_all(before, feeds)
-        del before
-        got = run_all(make_session(candidate, threads=1), feeds)
+        if expected is None:
+            expected = run_all(make_session(reference, threads=1), feeds)
+        after = make_session(candidate, threads=1)
+        names = [o.name for o in after.get_outputs()]
+        got = run_all(after, feeds)
     except OnnxShrinkError:
         return None
     per_output = output_metrics(names, expected, got)

@@ -104,8 +104,11 @@ class QuantizeInt8(Pass):
         original = model
         notes: list[Note] = _float_by_design(model)
         model = _ensure_opset(model, 13 if opts.per_channel else 10, notes)
-        if opts.fold and context.data is not None:
-            model = _fold_weights(model, context.data.take(2), notes)
+        # The fold check and the searches below measure against the float model on 4 calibration
+        # samples; its outputs there are computed once, on first use.
+        meter = DriftMeter(original, context.data.take(4)) if context.data is not None else None
+        if opts.fold and meter is not None:
+            model = _fold_weights(model, meter, notes)
         if opts.equalize:  # before calibration, which must see the rescaled activations
             equalized = Equalize().run(model, context)
             model, notes = equalized.model, notes + equalized.notes
@@ -153,9 +156,6 @@ class QuantizeInt8(Pass):
         left_float: frozenset = frozenset()
         if opts.speed_check:
             left_float = _slower_op_types(original, build, next(iter(context.data)), notes)
-        # The searches below measure their candidates against the float model on 4 calibration samples.
-        meter = DriftMeter(original, context.data.take(4)) if opts.front_budget > 0 or opts.keep_float or \
-            opts.calibration == "auto" else None
         left_nodes: frozenset = frozenset()
         if opts.front_budget > 0:
             weighted = [graph.node[i] for i in positions if graph.node[i].op_type in _WEIGHTED]
@@ -380,7 +380,7 @@ def _float_by_design(model: onnx.ModelProto) -> list[Note]:
 _FOLD_TOLERANCE = 1e-3
 
 
-def _fold_weights(model: onnx.ModelProto, feeds: list, notes: list[Note]) -> onnx.ModelProto:
+def _fold_weights(model: onnx.ModelProto, meter: DriftMeter, notes: list[Note]) -> onnx.ModelProto:
     """Cleanup's weight folds, applied without its 1e-6 tolerance: they round differently by ~1e-5
     of an output (PP-OCRv4 det: 2e-5), far below what int8 changes, and they take the float ops out
     from between the integer kernels. PP-OCRv4 det's learnable affine blocks (a scalar Mul and Add
@@ -393,15 +393,15 @@ def _fold_weights(model: onnx.ModelProto, feeds: list, notes: list[Note]) -> onn
     folded, counts = weight_folds(model)
     if not counts:
         return model
-    change = max_output_change(model, folded, feeds)
+    change = max_output_change(model, folded, meter.feeds, expected=meter.reference)
     if change is None or change > _FOLD_TOLERANCE:
         moved = "could not be run" if change is None else f"moved an output by {change:.2g} of its largest magnitude"
-        notes.append(Note("(graph)", f"weight folds not applied: the folded float model {moved} on {len(feeds)} "
-                                     f"calibration samples"))
+        notes.append(Note("(graph)", f"weight folds not applied: the folded float model {moved} on "
+                                     f"{len(meter.feeds)} calibration samples"))
         return model
     notes += [Note("(graph)", f"before quantizing, {what}: {count}") for what, count in sorted(counts.items())]
     notes.append(Note("(graph)", f"the folds moved the float outputs by at most {change:.2g} of their largest "
-                                 f"magnitude on {len(feeds)} calibration samples"))
+                                 f"magnitude on {len(meter.feeds)} calibration samples"))
     return folded
 
 

@@ -35,11 +35,17 @@ _WORTHWHILE = 0.2  # a pair stays float only if it alone removes this share of t
 
 class DriftMeter:
     """balanced_drift of candidate models against `original` on `feeds`; the original's outputs
-    are computed once, for every search that measures against them."""
+    are computed once, when first needed, for every search that measures against them."""
 
     def __init__(self, original: onnx.ModelProto, feeds):
-        self.feeds = feeds
-        self.reference = run_all(make_session(original, threads=1), feeds)
+        self.original, self.feeds = original, feeds
+        self._reference: list | None = None
+
+    @property
+    def reference(self) -> list[list[np.ndarray]]:
+        if self._reference is None:
+            self._reference = run_all(make_session(self.original, threads=1), self.feeds)
+        return self._reference
 
     def __call__(self, candidate: onnx.ModelProto) -> float:
         session = make_session(candidate, threads=1)
