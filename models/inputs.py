@@ -74,11 +74,6 @@ def photo(i: int) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def photos(n: int) -> list:
-    """The first n photos (see ``photo``)."""
-    return [photo(i) for i in range(n)]
-
-
 def letterbox(img: np.ndarray, size: int = YOLO_SIZE, fill: int = 114) -> np.ndarray:
     """Resize keeping the aspect ratio so the long side is ``size``; pad (centred) with grey."""
     from PIL import Image
@@ -99,9 +94,9 @@ def yolo_preprocess(img: np.ndarray, size: int = YOLO_SIZE) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
-def yolov8n_inputs(n: int = 8) -> list:
-    """Feed dicts {'images': float32 [1,3,320,320]} from scikit-image photos."""
-    return [{YOLO_INPUT: yolo_preprocess(img)} for img in photos(n)]
+def yolov8n_inputs(n: int = 8, start: int = 0) -> list:
+    """Feed dicts {'images': float32 [1,3,320,320]} from photos start .. start + n - 1 (see ``photo``)."""
+    return [{YOLO_INPUT: yolo_preprocess(photo(i))} for i in range(start, start + n)]
 
 
 def ppocr_normalize(img: np.ndarray) -> np.ndarray:

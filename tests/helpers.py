@@ -90,3 +90,14 @@ def cpu_flags() -> set[str]:
             return set(next((line for line in info if line.startswith("flags")), "").split())
     except OSError:
         return set()
+
+
+def smooth_images(rng, count: int, channels: int, size: int, mix=None, name: str = "x") -> list[dict]:
+    """Feeds {name: [1, channels, size, size]} smooth like photos: each pixel the sum of a 3x3
+    neighbourhood of normal draws (mixed across channels by `mix` [channels, channels] if given),
+    so that a Conv patch's taps correlate as they do on real images."""
+    x = rng.standard_normal((count, size + 2, size + 2, channels))
+    if mix is not None:
+        x = x @ mix
+    x = sum(x[:, i:i + size, j:j + size] for i in range(3) for j in range(3))
+    return [{name: image[None].transpose(0, 3, 1, 2).astype(np.float32)} for image in x]

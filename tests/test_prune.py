@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxshrink
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.passes.prune import _magnitude, sparsegpt, sparsegpt_columns
+import helpers
 from helpers import run
 
 
@@ -160,12 +161,10 @@ def conv_pair(seed=3):
 
 
 def smooth_images(count, seed):
-    """Neighbouring pixels and channels correlate, as in photos: a patch's taps are far from independent."""
+    """16-channel 10x10 images whose channels correlate too."""
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((16, 16)) * np.geomspace(3, 0.05, 16)
-    x = rng.standard_normal((count, 12, 12, 16)) @ mix
-    x = sum(x[:, i:i + 10, j:j + 10] for i in range(3) for j in range(3))
-    return [{"x": image[None].transpose(0, 3, 1, 2).astype(np.float32)} for image in x]
+    return helpers.smooth_images(rng, count, 16, 10, mix)
 
 
 def test_sparsegpt_columns_with_one_shared_hessian_is_sparsegpt():
@@ -337,8 +336,7 @@ def test_yolov8n_obs_prunes_its_convs(yolov8n_path):
     from onnxshrink import task_metrics as tm
 
     model = onnx.load(yolov8n_path)
-    calibration = [{"images": inputs.yolo_preprocess(inputs.photo(i))} for i in range(8)]
-    test = [{"images": inputs.yolo_preprocess(inputs.photo(i))} for i in range(24, 32)]  # not variants of 0..7
+    calibration, test = inputs.yolov8n_inputs(8), inputs.yolov8n_inputs(8, start=24)  # 24..31: not variants of 0..7
     reference = np.concatenate([run(model, f)[0] for f in test])
     cosines = {}
     for method in ("magnitude", "obs"):

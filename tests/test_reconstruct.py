@@ -203,8 +203,8 @@ def test_yolov8n_channel_pruning_with_reconstruct_keeps_the_class_scores(yolov8n
     from onnxshrink.task_metrics import part_cosine
 
     calibration = inputs.yolov8n_inputs(8)
-    mirrored = [{"images": inputs.yolo_preprocess(inputs.photo(i))} for i in range(16, 24)]  # photos 0..7 mirrored
-    unseen = [{"images": inputs.yolo_preprocess(inputs.photo(i))} for i in range(8, 16)]
+    mirrored = inputs.yolov8n_inputs(8, start=16)  # photos 0..7 mirrored
+    unseen = inputs.yolov8n_inputs(8, start=8)
     model = onnx.load(yolov8n_path)
     plain = onnxshrink.compress(model, "prune(pattern=channel,sparsity=0.3)", calibration=calibration, samples=1)
     refit = onnxshrink.compress(model, "prune(pattern=channel,sparsity=0.3),reconstruct", calibration=calibration,

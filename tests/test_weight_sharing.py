@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
-from helpers import run
+from helpers import run, smooth_images
 from onnxshrink.errors import UsageError
 
 
@@ -210,23 +210,25 @@ def test_gptq_assignment_fits_the_outputs_and_keeps_zeros():
     assert errors["gptq"] < 0.9 * errors["kmeans"], errors  # held-out inputs; measured 0.181 vs 0.216
 
 
+def gptq_and_kmeans_errors(model, spec: str, calibration, test) -> dict[str, float]:
+    """method -> relative output error on the `test` feeds of `spec` (its {} the method), and that
+    only gptq notes a GPTQ assignment."""
+    reference = [run(model, feed)[0] for feed in test]
+    errors = {}
+    for method in ("kmeans", "gptq"):
+        result = onnxshrink.compress(model, spec.format(method), calibration=calibration)
+        assert ("GPTQ assignment" in result.report.passes[0].notes[0].message) == (method == "gptq")
+        got = [run(result.model, feed)[0] for feed in test]
+        errors[method] = np.linalg.norm(np.subtract(got, reference)) / np.linalg.norm(reference)
+    return errors
+
+
 def test_gptq_assignment_of_a_conv_from_its_input_patches():
     rng = np.random.default_rng(11)
     weight = (rng.standard_normal((24, 16, 3, 3)) * np.geomspace(2, 0.1, 24)[:, None, None, None]).astype(np.float32)
     mix = rng.standard_normal((16, 16)) * np.geomspace(3, 0.05, 16)  # correlated, unequal channels
-    def images(count):  # smooth like photos: neighbouring pixels, and so a patch's taps, correlate
-        x = rng.standard_normal((count, 10, 10, 16)) @ mix
-        x = sum(x[:, i:i + 8, j:j + 8] for i in range(3) for j in range(3))
-        return [{"x": image[None].transpose(0, 3, 1, 2).astype(np.float32)} for image in x]
-    calibration, test = images(16), images(8)
-    model = layer_model(weight, "Conv")
-    reference = [run(model, feed)[0] for feed in test]
-    errors = {}
-    for method in ("kmeans", "gptq"):
-        result = onnxshrink.compress(model, f"cluster(bits=3,method={method})", calibration=calibration)
-        assert ("GPTQ assignment" in result.report.passes[0].notes[0].message) == (method == "gptq")
-        got = [run(result.model, feed)[0] for feed in test]
-        errors[method] = np.linalg.norm(np.subtract(got, reference)) / np.linalg.norm(reference)
+    calibration, test = smooth_images(rng, 16, 16, 8, mix), smooth_images(rng, 8, 16, 8, mix)
+    errors = gptq_and_kmeans_errors(layer_model(weight, "Conv"), "cluster(bits=3,method={})", calibration, test)
     assert errors["gptq"] < 0.8 * errors["kmeans"], errors  # held-out images; measured 0.191 vs 0.272
 
 
@@ -238,19 +240,9 @@ def test_gptq_assignment_of_a_depthwise_conv():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])],
                               [numpy_helper.from_array(weight, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    def images(count):  # smooth: a patch's taps correlate
-        x = rng.standard_normal((count, 16, 10, 10))
-        x = sum(x[:, :, i:i + 8, j:j + 8] for i in range(3) for j in range(3))
-        return [{"x": image[None].astype(np.float32)} for image in x]
-    calibration, test = images(16), images(8)
-    reference = [run(model, feed)[0] for feed in test]
-    errors = {}
-    for method in ("kmeans", "gptq"):
-        result = onnxshrink.compress(model, f"cluster(bits=2,method={method},min_elements=16)", calibration=calibration)
-        assert ("GPTQ assignment" in result.report.passes[0].notes[0].message) == (method == "gptq")
-        got = [run(result.model, feed)[0] for feed in test]
-        errors[method] = np.linalg.norm(np.subtract(got, reference)) / np.linalg.norm(reference)
-    assert errors["gptq"] < 0.9 * errors["kmeans"], errors  # held-out images; measured 0.309 vs 0.385
+    calibration, test = smooth_images(rng, 16, 16, 8), smooth_images(rng, 8, 16, 8)
+    errors = gptq_and_kmeans_errors(model, "cluster(bits=2,method={},min_elements=16)", calibration, test)
+    assert errors["gptq"] < 0.9 * errors["kmeans"], errors  # held-out images; measured 0.320 vs 0.405
 
 
 def test_gptq_needs_calibration_data():
@@ -296,7 +288,7 @@ def test_yolov8n_cluster_6_bits_per_channel_keeps_detections(yolov8n_path):
 
     model = onnx.load(yolov8n_path)
     result = onnxshrink.compress(model, "cluster(bits=6,scope=channel)", samples=1)
-    feeds = [{"images": inputs.yolo_preprocess(inputs.photo(i))} for i in range(16, 32)]
+    feeds = inputs.yolov8n_inputs(16, start=16)
     reference = np.concatenate([run(model, f)[0] for f in feeds])
     clustered = np.concatenate([run(result.model, f)[0] for f in feeds])
     # Measured on photos 16..47: class-score cosine 0.997, F1 0.98 at confidence 0.1 (20/20 boxes).
@@ -313,8 +305,7 @@ def test_yolov8n_cluster_6_bits_gptq_keeps_class_scores(yolov8n_path):
     from onnxshrink import task_metrics as tm
 
     model = onnx.load(yolov8n_path)
-    calibration = [{"images": inputs.yolo_preprocess(inputs.photo(i))} for i in range(8)]
-    feeds = [{"images": inputs.yolo_preprocess(inputs.photo(i))} for i in range(16, 32)]
+    calibration, feeds = inputs.yolov8n_inputs(8), inputs.yolov8n_inputs(16, start=16)
     reference = np.concatenate([run(model, f)[0] for f in feeds])
     cosines = {}
     for method in ("kmeans", "gptq"):
