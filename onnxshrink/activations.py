@@ -8,6 +8,7 @@ Only tensors of the main graph can be tapped; subgraph-local tensors are not vis
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -318,14 +319,16 @@ def patch_kind(node: onnx.NodeProto, dims: list[int]) -> str | None:
 CONV_GRAM_BYTES = 512 * 2**20
 
 
-def conv_input_grams(model: onnx.ModelProto, convs: dict[str, onnx.NodeProto], kernels: dict[str, tuple],
-                     samples: Callable[[], Iterable[Feed]], progress: Callable = lambda iterable, **_: iterable,
-                     ) -> dict[str, np.ndarray]:
-    """key -> the input-patch Gram matrix of Conv `convs[key]` (weight dims `kernels[key]`,
-    [O, C/group, kh, kw]) over the samples: [C*kh*kw]^2 for group 1, [C, kh*kw, kh*kw] (one per
-    input channel) for a depthwise Conv (patch_kind). Summed in passes (each a fresh `samples()`)
-    that hold at most CONV_GRAM_BYTES of them: a 3x3 Conv over 512 channels alone takes 170 MB.
-    A Conv whose input cannot be unfolded is left out."""
+def conv_input_grams(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto], data: Iterable[Feed],
+                     max_samples: int, progress: Callable = lambda iterable, **_: iterable) -> dict[str, np.ndarray]:
+    """weight name -> the input-patch Gram matrix of the Conv in `nodes` that reads that initializer
+    ([O, C/group, kh, kw]), over the first `max_samples` feeds of `data` (iterable more than once):
+    [C*kh*kw]^2 for group 1, [C, kh*kw, kh*kw] (one per input channel) for a depthwise Conv
+    (patch_kind). Summed in passes over the data that each hold at most CONV_GRAM_BYTES of them: a
+    3x3 Conv over 512 channels alone takes 170 MB. A Conv whose input cannot be unfolded is left out."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    convs = {node.input[1]: node for node in nodes}
+    kernels = {key: dims[key] for key in convs}
     kinds = {key: patch_kind(convs[key], list(kernels[key])) for key in convs}
 
     def size(key):
@@ -344,7 +347,8 @@ def conv_input_grams(model: onnx.ModelProto, convs: dict[str, onnx.NodeProto], k
     for batch in batches:
         sources = list(dict.fromkeys(convs[key].input[0] for key in batch))
         grams: dict = {key: Gram(int(np.prod(kernels[key][1:]))) if kinds[key] == "dense" else 0.0 for key in batch}
-        for values in stream_tensors(upstream_model(model, sources), sources, samples(), progress):
+        samples = itertools.islice(iter(data), max_samples)
+        for values in stream_tensors(upstream_model(model, sources), sources, samples, progress):
             for key in batch:
                 if grams[key] is None:
                     continue

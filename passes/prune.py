@@ -165,11 +165,11 @@ class Prune(Pass):
         sizes = {source: group[0].matrix(weights).shape[0] for source, group in stages.items() if group}
         if sizes and not opts.sequential:
             grams = _input_grams(model, None, sizes, opts.max_samples, context)
-        patch_grams = self._patch_grams(model, [l for group in convs.values() for l in group], weights, context) \
+        patch_grams = self._patch_grams(model, [l for group in convs.values() for l in group], context) \
             if not opts.sequential else {}
         for source, group in stages.items():
             if opts.sequential and convs[source]:  # the model as pruned so far
-                patch_grams = self._patch_grams(model, convs[source], weights, context)
+                patch_grams = self._patch_grams(model, convs[source], context)
             for layer in convs[source]:
                 done[layer.weight] = self._obs_conv(layer, weights, patch_grams.get(layer.weight), targets, n_m)
             if not group:
@@ -192,13 +192,12 @@ class Prune(Pass):
                     done[layer.weight] += f"; bias '{bias}' refit"
         return done
 
-    def _patch_grams(self, model, layers: list["Layer"], weights, context) -> dict[str, np.ndarray]:
+    def _patch_grams(self, model, layers: list["Layer"], context) -> dict[str, np.ndarray]:
         """weight name -> Gram matrix of its Conv's input patches over the calibration samples."""
         if not layers:
             return {}
-        samples = lambda: islice(iter(context.data), self.options.max_samples)  # noqa: E731 - fresh per pass
-        return conv_input_grams(model, {l.weight: l.node for l in layers},
-                                {l.weight: tuple(weights[l.weight].dims) for l in layers}, samples, context.progress)
+        return conv_input_grams(model, [l.node for l in layers], context.data, self.options.max_samples,
+                                context.progress)
 
     def _obs_conv(self, layer: "Layer", weights, gram: np.ndarray | None, targets, n_m) -> str:
         """SparseGPT on a Conv with its patch Hessian, fit to its own dense outputs (no refit or bias

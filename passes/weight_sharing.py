@@ -31,7 +31,6 @@ Conv and ConvTranspose and the tables of Gather (embeddings).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 import onnx
@@ -483,7 +482,7 @@ def _input_hessians(model: onnx.ModelProto, opts, context: PassContext) -> dict[
                 readers.setdefault(name, []).append((node, position))
     sizes: dict[str, int] = {}
     wanted: dict[str, str] = {}
-    convs: dict[str, onnx.NodeProto] = {}
+    convs: list[onnx.NodeProto] = []
     for name, uses in readers.items():
         dims = list(weights[name].dims)
         sources = {node.input[0] for node, _ in uses}
@@ -491,7 +490,7 @@ def _input_hessians(model: onnx.ModelProto, opts, context: PassContext) -> dict[
             continue
         node = uses[0][0]
         if len(uses) == 1 and _patch_conv(node, uses[0][1], dims):
-            convs[name] = node
+            convs.append(node)
             continue
         dense = all(node.op_type in ("MatMul", "Gemm") and position == 1 and not attribute(node, "transA", 0)
                     for node, position in uses)
@@ -505,9 +504,7 @@ def _input_hessians(model: onnx.ModelProto, opts, context: PassContext) -> dict[
 
     grams = _input_grams(model, None, sizes, opts.max_samples, context) if sizes else {}
     hessians = {name: grams[source][0][:-1, :-1] for name, source in wanted.items()}  # without the ones column
-    kernels = {name: tuple(weights[name].dims) for name in convs}
-    samples = lambda: islice(iter(context.data), opts.max_samples)  # noqa: E731 - one fresh stream per pass
-    return hessians | conv_input_grams(model, convs, kernels, samples, context.progress)
+    return hessians | conv_input_grams(model, convs, context.data, opts.max_samples, context.progress)
 
 
 def _patch_conv(node: onnx.NodeProto, position: int, dims: list[int]) -> bool:
