@@ -306,8 +306,8 @@ class SharedDense(Dense):
         solved = result.weights[0, :, 0]
         flat = flat.copy()
         flat[free] = solved[:len(free)]
-        weights[self.codebook].CopyFrom(numpy_helper.from_array(flat.reshape(values.shape).astype(np.float32),
-                                                                self.codebook))
+        stored = _as_stored(flat.reshape(values.shape), weights[self.codebook])
+        weights[self.codebook].CopyFrom(numpy_helper.from_array(stored, self.codebook))
         if biased:
             weights[self.bias].CopyFrom(numpy_helper.from_array(solved[len(free):].astype(np.float32), self.bias))
         return result.before, result.after, how
@@ -362,11 +362,16 @@ class SharedDense(Dense):
         flat = flat.copy()
         for c, (used, _) in enumerate(columns):
             flat[used] = np.where(free[c, :len(used)], solved[c, :len(used)], flat[used])
-        weights[self.codebook].CopyFrom(numpy_helper.from_array(flat.reshape(values.shape).astype(np.float32),
-                                                                self.codebook))
+        stored = _as_stored(flat.reshape(values.shape), weights[self.codebook])
+        weights[self.codebook].CopyFrom(numpy_helper.from_array(stored, self.codebook))
         if biased:
             weights[self.bias].CopyFrom(numpy_helper.from_array(solved[:, -1].astype(np.float32), self.bias))
         return result.before, result.after, how
+
+
+def _as_stored(values: np.ndarray, codebook: onnx.TensorProto) -> np.ndarray:
+    """Refit values in the codebook's own type (cluster stores grouped codebooks as float16)."""
+    return values.astype(np.float16 if codebook.data_type == TensorProto.FLOAT16 else np.float32)
 
 
 def _private_columns(positions: np.ndarray) -> bool:

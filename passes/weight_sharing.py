@@ -14,6 +14,15 @@
   YOLOv8n's class-score cosine 0.942 with nearest values, 0.990 with GPTQ; PP-OCRv4 det's text-mask
   IoU 0.647, 0.953 (measured). The default, `method=auto`, takes gptq whenever the pipeline has real
   calibration data and nearest values otherwise (synthesized inputs say nothing about what matters).
+* `refit=r` (gptq, MatMul/Gemm/Conv of group 1): k-means fits the values to the weights, GPTQ then
+  picks codes for the outputs; the values are refit by least squares to the layer's outputs for
+  those codes, and the codes assigned again, r times, with a last refit. MiniLM at 4 bits per
+  channel: embedding cosine 0.9860 -> 0.9869; PP-OCRv4 det at 6 bits: text-mask IoU 0.953 -> 0.958;
+  YOLOv8n at 6 bits: class-score cosine 0.990 either way, at 2.5x the time (so not the default).
+* `scope=channel,group=g`: one codebook per g consecutive weights of a channel (for a MatMul, g of
+  a column's inputs), stored as float16, 2^bits * 16 / g bits per weight more. MiniLM at 4 bits with
+  refit=1 and g=128: embedding cosine 0.9903 at 0.192x the file (one codebook per channel: 0.9869 at
+  0.167x).
 * `pq(subvector=d, centroids=k)`: product quantization. Each weight row (the weights one output
   reads: a Conv filter, a MatMul column, an embedding row) is cut into pieces of d consecutive
   values; the pieces at one position across all rows share a codebook of k vectors, and a row
@@ -37,7 +46,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.activations import conv_input_grams, main_graph_tensors, patch_kind
-from onnxshrink.errors import OnnxShrinkError
+from onnxshrink.errors import OnnxShrinkError, UsageError
 from onnxshrink.graph import all_names, attribute, constants_to_initializers, opset_version, unique_name
 from onnxshrink.options import PassOptions, option
 from onnxshrink.packing import pack_codes
@@ -49,6 +58,7 @@ _WEIGHT_INPUTS = {"MatMul": (1, -1), "Gemm": (1, None), "Conv": (1, 0), "ConvTra
 _MIN_OPSET = 11  # Gather/Reshape/Slice/Mod with the inputs the decoder uses
 _FIT_SAMPLE = 200_000  # k-means fits on at most this many weights, then assigns them all
 _ZERO_SHARE = 0.01  # a weight with at least this share of exact zeros keeps a code for 0.0
+_ONEHOT_ELEMENTS = 4_000_000  # the codebook refit's one-hot codes hold at most this many floats at a time
 
 
 @register_pass("cluster")
@@ -61,6 +71,9 @@ class Cluster(Pass):
     class Options(PassOptions):
         bits: int = option(4, "code width: 2^bits shared values per codebook", low=2, high=8)
         scope: str = option("tensor", "one codebook per weight, or per output channel", choices=("tensor", "channel"))
+        group: int = option(0, "scope=channel: one codebook per `group` consecutive weights of a channel (the inputs "
+                               "of a MatMul column, a Conv filter's values), stored as float16; 0: one per channel",
+                            low=0)
         init: str = option("linear", "first centroids: evenly spaced over the range, or k-means++ draws",
                            choices=("linear", "kmeans++"))
         iterations: int = option(30, "Lloyd iterations of k-means", low=1)
@@ -69,11 +82,22 @@ class Cluster(Pass):
                                      "the rows left (GPTQ, from calibration Hessians); auto: gptq where the "
                                      "pipeline has real calibration data (--calib), else kmeans",
                              choices=("auto", "kmeans", "gptq"))
-        max_samples: int = option(64, "gptq: calibration samples for the layer-input Hessians", low=1)
+        max_samples: int = option(128, "gptq: calibration samples for the layer-input Hessians", low=1)
+        refit: int = option(0, "gptq (MatMul/Gemm, Conv of group 1): rounds of refitting the codebook values to the "
+                               "layer's outputs for the codes assigned, then assigning the codes again; a last refit "
+                               "follows (0: the k-means values)", low=0)
         # Lower than svd's: the first decoder costs about 2 kB, later ones share its constants, and
         # 1,024 weights at 4 bits save 3.5 kB.
         min_elements: int = option(1024, "smaller weights are left as they are", low=1)
         exclude: tuple[str, ...] = option((), "op types or node names whose weights are left as they are")
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.group and self.scope != "channel":
+                raise UsageError("group= needs scope=channel")
+            if self.group and self.group < 4 * 2 ** self.bits:
+                raise UsageError(f"group={self.group} is too small for {2 ** self.bits} shared values "
+                                 f"(at least {4 * 2 ** self.bits})")
 
     def __init__(self, options: PassOptions | None = None, **values):
         super().__init__(options, **values)
@@ -247,9 +271,20 @@ class _Encoded:
                 grid = node("Reshape", [flat, const("code_shape", np.array([channels, -1], np.int64))], "code_grid")
                 flat = node("Add", [grid, const("offsets", (np.arange(channels, dtype=np.int32) * size)[:, None])],
                             "index")
-            table = const("codebook", self.codebook.reshape(-1).astype(np.float32))
-            moved = node("Reshape", [node("Gather", [table, flat], "values"),
-                                     const("moved_shape", np.array(self._moved_shape(shape), np.int64))], "moved")
+            elif self.codebook.ndim == 3:  # per channel and group: offsets of both, added in turn
+                channels, groups, size = self.codebook.shape
+                grid = node("Reshape", [flat, const("code_shape", np.array([channels, groups, -1], np.int64))],
+                            "code_grid")
+                by_group = node("Add", [grid, const("group_offsets", (np.arange(groups, dtype=np.int32)
+                                                                      * size)[None, :, None])], "group_index")
+                flat = node("Add", [by_group, const("offsets", (np.arange(channels, dtype=np.int32)
+                                                                * groups * size)[:, None, None])], "index")
+            stored = np.float16 if self.codebook.dtype == np.float16 else np.float32
+            values = node("Gather", [const("codebook", self.codebook.reshape(-1).astype(stored)), flat], "values")
+            if stored is np.float16:
+                values = node("Cast", [values], "widened", to=TensorProto.FLOAT)
+            moved = node("Reshape", [values, const("moved_shape", np.array(self._moved_shape(shape), np.int64))],
+                         "moved")
         if self.axis not in (None, 0):
             perm = self._perm(len(shape))
             nodes.append(helper.make_node("Transpose", [moved], [name], name=fresh("restore_node"),
@@ -301,7 +336,7 @@ def decoder_of(model: onnx.ModelProto, name: str) -> tuple[list[onnx.NodeProto],
         if all(node is not seen for seen in decoder):
             decoder.append(node)
             pending.extend(node.input)
-        if len(decoder) > 16:  # decoders have 14 nodes at most
+        if len(decoder) > 18:  # decoders have 16 nodes at most
             return None
     tables = [n.input[0] for n in decoder if n.op_type == "Gather" and "__codebook" in n.input[0]
               and n.input[0] in constants]
@@ -363,37 +398,70 @@ def _cluster(weight: np.ndarray, axis: int | None, opts, hessian: np.ndarray | N
             importance = energy.reshape((1,) + weight.shape[1:])
         else:
             importance = energy[None, :] if per_channel or axis == 0 else energy[:, None]
+    fallback = ""
     if per_channel:
         rows = moved.reshape(moved.shape[0], -1).astype(np.float64)
         if rows.shape[1] < 4 * levels:
             return f"{rows.shape[1]} weights per channel are too few for {levels} shared values each"
-        energy = None if importance is None else np.broadcast_to(importance, moved.shape).reshape(rows.shape)
-        books, codes = zip(*(_kmeans_1d(row, levels, opts, rng, None if energy is None else energy[c])
-                             for c, row in enumerate(rows)))
-        codebook, codes = np.stack(books), np.stack(codes)
-        scope = f"{rows.shape[0]} codebooks"
+        group = opts.group or rows.shape[1]
+        if rows.shape[1] % group:
+            fallback = f" (group={group} does not divide its {rows.shape[1]} weights per channel)"
+            group = rows.shape[1]
+        groups = rows.shape[1] // group
+        pieces = rows.reshape(-1, group)  # [channels * groups, group]
+        energy = None if importance is None else np.broadcast_to(importance, moved.shape).reshape(pieces.shape)
+        books, codes = zip(*(_kmeans_1d(piece, levels, opts, rng, None if energy is None else energy[c])
+                             for c, piece in enumerate(pieces)))
+        codebook, codes = np.stack(books).reshape(rows.shape[0], groups, levels), np.stack(codes).reshape(rows.shape)
+        scope = f"{rows.shape[0]} codebooks" if groups == 1 else f"{codebook.shape[0] * groups} codebooks of {group} weights"
     else:
         codebook, codes = _kmeans_1d(moved.reshape(-1).astype(np.float64), levels, opts, rng,
                                      None if importance is None else np.broadcast_to(importance, moved.shape).reshape(-1))
         scope = "1 codebook"
     assignment = ""
     if gptq:
-        # [K, N] with the outputs as columns; each column reads its own codebook (or the shared one).
+        # [K, N] with the outputs as columns; each column reads its own codebooks (or the shared one).
         matrix = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).T.astype(np.float64)
-        books = codebook if per_channel else np.broadcast_to(codebook, (matrix.shape[1], levels))
+        books = codebook if per_channel else np.broadcast_to(codebook, (matrix.shape[1], 1, levels))
         if depthwise:  # each output column with its own channel's Hessian
             assigned = np.hstack([_gptq_assign(matrix[:, [o]], books[[o]], hessians[o])
                                   for o in range(matrix.shape[1])])
         else:
             assigned = _gptq_assign(matrix, books, hessian)  # [K, N]
+            for round_ in range(opts.refit + 1 if opts.refit else 0):
+                books = _refit_codebooks(matrix, books, assigned, hessian, shared=not per_channel)
+                if round_ < opts.refit:
+                    assigned = _gptq_assign(matrix, books, hessian)
+            if opts.refit:
+                assignment = f", {opts.refit} codebook refit{'s' if opts.refit > 1 else ''}"
+            codebook = books if per_channel else books[0, 0]
         codes = assigned.T if per_channel else np.moveaxis(assigned.T, 0, axis).reshape(-1)
-        assignment = ", GPTQ assignment"
-    error = np.sqrt(np.mean((np.take_along_axis(np.atleast_2d(codebook), np.atleast_2d(codes), axis=1).reshape(-1)
-                             - moved.reshape(-1)) ** 2)) / (np.sqrt(np.mean(moved ** 2)) or 1.0)
-    about = (f"{opts.bits}-bit codes, {scope} of {levels}{assignment}: {weight.size:,} weights in "
-             f"{(weight.size * opts.bits + 7) // 8 + codebook.size * 4:,} bytes (of {weight.size * 4:,}); "
+        assignment = ", GPTQ assignment" + assignment
+    if per_channel:
+        rebuilt = np.take_along_axis(codebook.reshape(codebook.shape[0], -1),
+                                     codes + (np.arange(codes.shape[1]) // (codes.shape[1] // codebook.shape[1]))
+                                     * levels, axis=1)
+        if codebook.shape[1] == 1:
+            codebook = codebook[:, 0]  # [channels, levels]
+        elif _fits_float16(codebook):
+            codebook = codebook.astype(np.float16)  # many small codebooks: half the bytes
+        else:
+            fallback += " (codebooks kept in float32: values outside float16's normal range)"
+    else:
+        rebuilt = codebook[codes]
+    error = np.sqrt(np.mean((rebuilt.reshape(-1) - moved.reshape(-1)) ** 2)) / (np.sqrt(np.mean(moved ** 2)) or 1.0)
+    book_bytes = codebook.size * (2 if codebook.dtype == np.float16 else 4)
+    about = (f"{opts.bits}-bit codes, {scope} of {levels}{assignment}{fallback}: {weight.size:,} weights in "
+             f"{(weight.size * opts.bits + 7) // 8 + book_bytes:,} bytes (of {weight.size * 4:,}); "
              f"relative RMS error {error:.4f}")
     return _Encoded(codes.astype(np.uint8), opts.bits, codebook, axis if per_channel else None, about)
+
+
+def _fits_float16(books: np.ndarray) -> bool:
+    """Whether float16 keeps every codebook [..., levels] within 2^-10 of its largest value: each
+    largest |value| is a normal float16 (an all-zero codebook is exact too)."""
+    largest = np.abs(books).max(axis=-1)
+    return bool(np.all((largest == 0) | ((largest >= 2.0 ** -14) & (largest <= 60000.0))))
 
 
 def _kmeans_1d(values: np.ndarray, levels: int, opts, rng,
@@ -440,11 +508,12 @@ def _kmeans_1d(values: np.ndarray, levels: int, opts, rng,
 
 
 def _gptq_assign(matrix: np.ndarray, books: np.ndarray, hessian: np.ndarray) -> np.ndarray:
-    """Codes [K, N] of W[K, N] in codebooks books[N, levels], GPTQ-style (Frantar et al. 2022).
+    """Codes [K, N] of W[K, N] in codebooks books[N, groups, levels], GPTQ-style (Frantar et al. 2022).
 
-    Rows (inputs) are taken in act-order; each column's weight goes to its nearest value, and the
-    row's error e = (w - q) / U[i, i] is spread over the rows left as w_j -= U[i, j] e, with U the
-    upper Cholesky factor of H^-1 (quantize_weights.hessian_factor), so the layer's outputs on the
+    Input row k reads group k // (K / groups) of its column's codebooks. Rows (inputs) are taken in
+    act-order; each column's weight goes to its nearest value, and the row's error
+    e = (w - q) / U[i, i] is spread over the rows left as w_j -= U[i, j] e, with U the upper
+    Cholesky factor of H^-1 (quantize_weights.hessian_factor), so the layer's outputs on the
     calibration inputs, not its weights, stay close. Where a codebook keeps 0.0 for pruned weights
     (its value 0), those weights stay 0 and their loss is compensated like any other."""
     from .quantize_weights import hessian_factor
@@ -453,20 +522,71 @@ def _gptq_assign(matrix: np.ndarray, books: np.ndarray, hessian: np.ndarray) -> 
     upper, order = factor.upper, factor.order
     w = np.array(matrix, np.float64)
     w[factor.dead] = 0.0
-    pruned = (w == 0) & (books[:, 0] == 0)[None, :]
-    w, pruned = w[order], pruned[order]
     k, n = w.shape
+    group = k // books.shape[1]
+    row_books = books[:, np.arange(k) // group].transpose(1, 0, 2)  # [K, N, levels]
+    pruned = (w == 0) & (row_books[:, :, 0] == 0)
+    w, pruned, row_books = w[order], pruned[order], row_books[order]
     columns = np.arange(n)
     codes = np.empty((k, n), np.int64)
     for i in range(k):
-        code = np.argmin(np.abs(w[i][:, None] - books), axis=1)
+        code = np.argmin(np.abs(w[i][:, None] - row_books[i]), axis=1)
         code[pruned[i]] = 0
         codes[i] = code
-        error = (w[i] - books[columns, code]) / upper[i, i]
+        error = (w[i] - row_books[i][columns, code]) / upper[i, i]
         w[i + 1:] -= np.outer(upper[i, i + 1:], error)
     assigned = np.empty_like(codes)
     assigned[order] = codes
     return assigned
+
+
+def _refit_codebooks(matrix: np.ndarray, books: np.ndarray, codes: np.ndarray, hessian: np.ndarray,
+                     shared: bool) -> np.ndarray:
+    """Codebook values that minimize the layer's output error tr((W - Q)^T H (W - Q)) for fixed codes.
+
+    Q is linear in the values: Q[:, n] = A_n c with A_n the one-hot [K, positions] of column n's
+    codes, so c solves the normal equations (sum A^T H A) c = sum A^T H W[:, n], summed over the
+    columns that share the codebook. GPTQ picked the codes against k-means values fit to the
+    weights alone; these values fit the outputs. An exact 0.0 kept for pruned weights stays 0."""
+    k, n = matrix.shape
+    groups, levels = books.shape[1], books.shape[2]
+    rows = k // groups
+    h = np.asarray(hessian, np.float64)
+    h_w = h @ matrix
+    normal = np.zeros((n, groups, levels, groups, levels))
+    target = np.zeros((n, groups, levels))
+    step = max(1, _ONEHOT_ELEMENTS // (k * levels))  # columns per chunk: bounds the one-hots' memory
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        onehot = np.zeros((k, c1 - c0, levels))
+        np.put_along_axis(onehot, codes[:, c0:c1, None], 1.0, axis=2)
+        by_group = onehot.reshape(groups, rows, c1 - c0, levels).transpose(2, 0, 3, 1)  # [n, G, L, rows]
+        for g in range(groups):  # H A for the codes of group g's rows, read by every row
+            spread = h[:, g * rows:(g + 1) * rows] @ onehot[g * rows:(g + 1) * rows].reshape(rows, -1)
+            spread = spread.reshape(groups, rows, c1 - c0, levels).transpose(2, 0, 1, 3)  # [n, G, rows, L]
+            normal[c0:c1, :, :, g, :] = by_group @ spread
+        target[c0:c1] = (by_group @ h_w[:, c0:c1].T.reshape(c1 - c0, groups, rows, 1))[..., 0]
+    size = groups * levels
+    normal, target = normal.reshape(n, size, size), target.reshape(n, size)
+    if shared:
+        normal, target = normal.sum(axis=0, keepdims=True), target.sum(axis=0, keepdims=True)
+    values = np.array(books[:1] if shared else books, np.float64).reshape(-1, size)
+    # A value no weight reads keeps what it had, and so does pruning's 0.0 code: its equation
+    # becomes c = value. Dropping a 0.0's coupling to the other values changes nothing.
+    diagonal = np.einsum("bii->bi", normal)
+    pinned = diagonal <= 0
+    pinned[:, 0::levels] |= values[:, 0::levels] == 0
+    scale = np.maximum(diagonal.mean(axis=1), 1e-30)[:, None]
+    normal[:, np.arange(size), np.arange(size)] += 1e-6 * scale  # keeps the systems well posed
+    target += 1e-6 * scale * values
+    for b, p in zip(*np.nonzero(pinned)):
+        normal[b, p, :] = normal[b, :, p] = 0.0
+        normal[b, p, p] = 1.0
+        target[b, p] = values[b, p]
+    solved = np.linalg.solve(normal, target[..., None])[..., 0]
+    if shared:
+        return np.broadcast_to(solved.reshape(1, groups, levels), books.shape)
+    return solved.reshape(books.shape)
 
 
 def _input_hessians(model: onnx.ModelProto, opts, context: PassContext) -> dict[str, np.ndarray]:

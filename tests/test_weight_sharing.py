@@ -210,6 +210,72 @@ def test_gptq_assignment_fits_the_outputs_and_keeps_zeros():
     assert errors["gptq"] < 0.9 * errors["kmeans"], errors  # held-out inputs; measured 0.181 vs 0.216
 
 
+def test_gptq_refit_gives_each_column_its_least_squares_values():
+    rng = np.random.default_rng(13)
+    weight = rng.standard_normal((64, 12)).astype(np.float32)
+    mix = rng.standard_normal((64, 64)) * np.geomspace(3, 0.05, 64)
+    x = (rng.standard_normal((512, 64)) @ mix).astype(np.float32)
+    spec = "cluster(bits=2,scope=channel,method=gptq,min_elements=16,refit={})"
+    fitted = {r: onnxshrink.compress(layer_model(weight), spec.format(r), calibration=[{"x": x}]) for r in (0, 1)}
+    assert "1 codebook refit" in fitted[1].report.passes[0].notes[0].message
+    rebuilt = rebuilt_weight(fitted[1].model)
+    # For the codes it ends with, each column's 4 values are the ones numpy's lstsq finds on the
+    # calibration inputs: the refit minimizes the layer's output error, not the weights'.
+    best = np.empty_like(weight)
+    for c in range(weight.shape[1]):
+        values = np.unique(rebuilt[:, c])
+        onehot = (rebuilt[:, c][:, None] == values[None, :]).astype(np.float64)
+        best[:, c] = onehot @ np.linalg.lstsq(x @ onehot, x @ weight[:, c], rcond=None)[0]
+    np.testing.assert_allclose(rebuilt, best, rtol=1e-4, atol=1e-5)
+    residual = lambda w: np.linalg.norm(x @ w - x @ weight)  # noqa: E731
+    assert residual(rebuilt) < 0.97 * residual(rebuilt_weight(fitted[0].model))  # measured 0.93x
+
+
+def test_group_codebooks_follow_the_scale_of_each_input_group():
+    rng = np.random.default_rng(14)
+    # The first 64 inputs of every column are 100x smaller than the next 64: one codebook per
+    # channel spends its values on the large ones, one per group of 64 fits both.
+    weight = (rng.standard_normal((128, 16)) * np.repeat([0.01, 1.0], 64)[:, None]).astype(np.float32)
+    model = layer_model(weight)
+    errors = {}
+    for group in (0, 64):
+        result = onnxshrink.compress(model, f"cluster(bits=3,scope=channel,group={group},min_elements=16)", samples=1)
+        onnx.checker.check_model(result.model, full_check=True)
+        rebuilt = rebuilt_weight(result.model)
+        pieces = rebuilt.reshape(-1, 64, 16) if group else rebuilt[None]
+        assert all(len(np.unique(piece[:, n])) <= 8 for piece in pieces for n in range(16))
+        small = weight[:64]
+        errors[group] = np.sqrt(np.mean((rebuilt[:64] - small) ** 2) / np.mean(small ** 2))
+        books = [t for t in result.model.graph.initializer if "__codebook" in t.name]
+        assert [t.data_type for t in books] == [TensorProto.FLOAT16 if group else TensorProto.FLOAT]
+        assert books[0].dims == [16 * (2 if group else 1) * 8]
+    assert errors[64] < 0.3 < errors[0], errors
+
+
+def test_group_codebooks_are_refit_by_reconstruct_in_float16():
+    rng = np.random.default_rng(15)
+    weight = rng.standard_normal((128, 8)).astype(np.float32)
+    mix = rng.standard_normal((128, 128)) * np.geomspace(3, 0.05, 128)  # correlated, unequal inputs
+    x = (rng.standard_normal((512, 128)) @ mix).astype(np.float32)
+    spec = "cluster(bits=3,scope=channel,group=64,method=kmeans,min_elements=16)"
+    clustered = onnxshrink.compress(layer_model(weight), spec, samples=1).model
+    result = onnxshrink.compress(layer_model(weight), spec + ",reconstruct", calibration=[{"x": x}])
+    assert result.report.passes[1].status == "applied", result.report.passes[1].notes
+    (book,) = [t for t in result.model.graph.initializer if "__codebook" in t.name]
+    assert book.data_type == TensorProto.FLOAT16
+    reference = x @ weight
+    before, after = (np.linalg.norm(run(m, {"x": x})[0] - reference) for m in (clustered, result.model))
+    assert after < 0.95 * before, (before, after)  # measured 0.87x
+
+
+def test_a_group_that_does_not_divide_the_channel_falls_back_to_one_codebook():
+    weight = np.random.default_rng(16).standard_normal((96, 8)).astype(np.float32)
+    result = onnxshrink.compress(layer_model(weight), "cluster(bits=3,scope=channel,group=64,min_elements=16)",
+                                 samples=1)
+    assert "group=64 does not divide its 96 weights per channel" in result.report.passes[0].notes[0].message
+    assert len(np.unique(rebuilt_weight(result.model)[:, 0])) <= 8
+
+
 def gptq_and_kmeans_errors(model, spec: str, calibration, test) -> dict[str, float]:
     """method -> relative output error on the `test` feeds of `spec` (its {} the method), and that
     only gptq notes a GPTQ assignment."""
@@ -255,7 +321,8 @@ def test_gptq_needs_calibration_data():
         get_pass("cluster")(method="gptq", min_elements=16).run(layer_model(weight), PassContext())
 
 
-@pytest.mark.parametrize("spec", ["cluster(bits=1)", "cluster(bits=9)", "cluster(scope=row)", "pq(centroids=300)"])
+@pytest.mark.parametrize("spec", ["cluster(bits=1)", "cluster(bits=9)", "cluster(scope=row)", "pq(centroids=300)",
+                                  "cluster(group=128)", "cluster(bits=4,scope=channel,group=32)"])
 def test_bad_options_are_usage_errors(spec):
     with pytest.raises(UsageError):
         onnxshrink.parse_pipeline(spec)
