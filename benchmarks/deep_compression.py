@@ -53,7 +53,9 @@ PLAN = {
         "prune(sparsity=0.5,method=obs)",
         *[f"cluster(bits={b})" for b in (3, 4, 6)], "cluster(bits=4,scope=channel)",
         "pq(subvector=4,centroids=256)",
-        "cluster(bits=4,scope=channel,method=gptq)",
+        "cluster(bits=4,scope=channel,method=gptq)", "cluster(bits=4,scope=channel,refit=1)",
+        # one float16 codebook per 128 inputs of a column, values refit to the layer outputs
+        "cluster(bits=4,scope=channel,group=128,refit=1)",
         "svd(ratio=0.7,activation_aware=false)", "svd(ratio=0.7)", "svd(rank=auto,ratio=0.7)",
         "quantize-weights(bits=4,method=gptq)",
         "prune(sparsity=0.5,method=obs),cluster(bits=4)",
