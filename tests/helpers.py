@@ -53,6 +53,16 @@ def run(model: onnx.ModelProto, feed: dict) -> list:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
 
 
+def sentence_embeddings(model: onnx.ModelProto, feeds: list) -> np.ndarray:
+    """MiniLM's `sentence_embedding` rows for each feed, from one single-threaded session."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(["sentence_embedding"], feed)[0] for feed in feeds])
+
+
 def library_isa(symbol: str) -> str:
     """The kernel variant the op library picked, from one of its diagnostic exports (e.g. "avx2")."""
     from onnxshrink import ops

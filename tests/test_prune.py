@@ -9,7 +9,7 @@ import onnxshrink
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.passes.prune import _magnitude, sparsegpt, sparsegpt_columns
 import helpers
-from helpers import run
+from helpers import run, sentence_embeddings
 
 
 def weights_of(model) -> dict:
@@ -294,16 +294,7 @@ def minilm_sentences(minilm_path):
 
     calibration = inputs.minilm_inputs(32, pad_to=inputs.minilm_fixed_length())
     held_out = inputs.minilm_inputs(192)[128:]
-    return calibration, held_out, _embeddings(onnx.load(minilm_path), held_out)
-
-
-def _embeddings(model, feeds) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(["sentence_embedding"], feed)[0] for feed in feeds])
+    return calibration, held_out, sentence_embeddings(onnx.load(minilm_path), held_out)
 
 
 # Held-out mean cosine of the (unit) sentence embeddings vs fp32, all 36 MatMuls pruned. Measured with
@@ -323,7 +314,7 @@ def test_minilm_sentence_embeddings_after_obs(minilm_path, minilm_sentences, spe
     weights = weights_of(result.model)
     pruned = [weights[n.input[1]] for n in matmuls if n.input[1] in weights]
     assert len(pruned) == 36 and all(abs(np.mean(w == 0) - 0.5) < 0.001 for w in pruned)
-    cosine = np.sum(reference * _embeddings(result.model, held_out), axis=1)
+    cosine = np.sum(reference * sentence_embeddings(result.model, held_out), axis=1)
     assert cosine.mean() >= floor, (spec, cosine.mean(), cosine.min())
 
 
