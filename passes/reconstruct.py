@@ -64,6 +64,8 @@ from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
 
+from .weight_sharing import column_normal_equations, shared_weight
+
 
 _LAYERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
@@ -328,17 +330,9 @@ class SharedDense(Dense):
             free[c, :len(used)] = flat[used] != 0  # the 0.0 that `cluster` keeps for pruned weights stays
         biased = self.bias is not None
         target = _stack(self.original_weight, self.original_bias)
-        step = max(1, _ONEHOT_ELEMENTS // (k * width))  # columns per chunk: bounds the one-hot's memory
         grams, rhs, energy = [], [], []
         for inner, right, fold_energy in self._folds(target, biased):
-            a, b = np.empty((n, width, width)), np.empty((n, width))
-            for c0 in range(0, n, step):
-                c1 = min(n, c0 + step)
-                onehot = np.zeros((k, c1 - c0, width))  # [i, c, l]: weight (i, c) reads column c's l-th value
-                np.put_along_axis(onehot, local[:, c0:c1, None], 1.0, axis=2)
-                spread = (inner[:k, :k] @ onehot.reshape(k, -1)).reshape(onehot.shape)
-                a[c0:c1] = np.einsum("icl,icm->clm", onehot, spread)
-                b[c0:c1] = np.einsum("icl,ic->cl", onehot, right[:k, c0:c1])
+            a, b = column_normal_equations(inner[:k, :k], right[:k], local, width)
             if biased:
                 mixed = np.stack([np.bincount(local[:, c], weights=inner[:k, k], minlength=width) for c in range(n)])
                 a = np.concatenate([np.concatenate([a, mixed[:, :, None]], axis=2),
@@ -384,7 +378,6 @@ def _private_columns(positions: np.ndarray) -> bool:
 
 # A clustered layer with shared codebooks needs one K x K x N product per codebook value.
 _MAX_SHARED_VALUES = 256
-_ONEHOT_ELEMENTS = 2**22  # per-column refits build their one-hot code matrices in chunks of this size (32 MB)
 
 
 @dataclass(eq=False)
@@ -688,8 +681,6 @@ def _shared_layer(node, original, model, reference, weights, original_values, us
                   notes) -> SharedDense | None:
     """The layer to refit when `cluster` rebuilds its weight from a codebook (None otherwise, with a note
     where it is clustered but cannot be refit)."""
-    from .weight_sharing import shared_weight
-
     name, where = node.input[1], node.name or node.output[0]
     shared = shared_weight(model, node.input[1])
     if shared is None:
