@@ -53,6 +53,22 @@ def run(model: onnx.ModelProto, feed: dict) -> list:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
 
 
+def class_score_cosines(model: onnx.ModelProto, specs: dict[str, str], calibration: list, feeds: list) -> dict:
+    """name -> (YOLOv8n's class-score cosine against `model` on `feeds`, compress's result) for each
+    pipeline in `specs` (name -> pipeline), calibrated on `calibration`; output0's rows 4.. are the
+    80 class scores."""
+    import onnxshrink
+    from onnxshrink.task_metrics import part_cosine
+
+    reference = np.concatenate([run(model, f)[0] for f in feeds])
+    found = {}
+    for name, spec in specs.items():
+        result = onnxshrink.compress(model, spec, calibration=calibration, samples=2)
+        compressed = np.concatenate([run(result.model, f)[0] for f in feeds])
+        found[name] = part_cosine(reference, compressed, axis=1, start=4), result
+    return found
+
+
 def sentence_embeddings(model: onnx.ModelProto, feeds: list) -> np.ndarray:
     """MiniLM's `sentence_embedding` rows for each feed, from one single-threaded session."""
     import onnxruntime as ort

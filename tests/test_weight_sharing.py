@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
-from helpers import run, sentence_embeddings, smooth_images
+from helpers import class_score_cosines, run, sentence_embeddings, smooth_images
 from onnxshrink.errors import UsageError
 
 
@@ -369,17 +369,12 @@ def test_yolov8n_cluster_6_bits_gptq_keeps_class_scores(yolov8n_path):
     """One codebook per weight: nearest values lose the class scores (cosine 0.942 on photos
     16..47), GPTQ codes from the Convs' patch Hessians keep them (0.990) at the same size."""
     import inputs
-    from onnxshrink import task_metrics as tm
 
     model = onnx.load(yolov8n_path)
     calibration, feeds = inputs.yolov8n_inputs(8), inputs.yolov8n_inputs(16, start=16)
-    reference = np.concatenate([run(model, f)[0] for f in feeds])
-    cosines = {}
-    for method in ("kmeans", "gptq"):
-        result = onnxshrink.compress(model, f"cluster(bits=6,method={method})", calibration=calibration, samples=2)
-        clustered = np.concatenate([run(result.model, f)[0] for f in feeds])
-        cosines[method] = tm.part_cosine(reference, clustered, axis=1, start=4)
-        assert result.model.ByteSize() < 0.22 * model.ByteSize()
+    found = class_score_cosines(model, {m: f"cluster(bits=6,method={m})" for m in ("kmeans", "gptq")}, calibration, feeds)
+    cosines = {method: cosine for method, (cosine, _) in found.items()}
+    assert all(result.model.ByteSize() < 0.22 * model.ByteSize() for _, result in found.values())
     assert cosines["gptq"] > 0.98 and cosines["gptq"] > cosines["kmeans"] + 0.02, cosines
 
 
