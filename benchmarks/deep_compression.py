@@ -64,6 +64,7 @@ PLAN = {
         "prune(sparsity=0.5)",
         # cluster's default method=auto takes GPTQ codes here (the benchmark gives calibration data)
         *[f"cluster(bits={b})" for b in (4, 6, 8)], "cluster(bits=6,method=kmeans)", "cluster(bits=6,scope=channel)",
+        "cluster(bits=6,refit=1)",
         "tucker(ratio=0.7,activation_aware=false)", *[f"tucker(ratio={r})" for r in (0.7, 0.9)],
         "tucker(energy=0.98)",
         "prune(sparsity=0.5),cluster(bits=6)",
@@ -71,7 +72,7 @@ PLAN = {
     ],
     "ppocr": [
         "prune(sparsity=0.5)",
-        *[f"cluster(bits={b})" for b in (4, 6, 8)], "cluster(bits=6,method=kmeans)",
+        *[f"cluster(bits={b})" for b in (4, 6, 8)], "cluster(bits=6,method=kmeans)", "cluster(bits=6,refit=1)",
         "prune(sparsity=0.5),cluster(bits=6)",
     ],
 }
