@@ -242,9 +242,9 @@ def main() -> int:
     print(f"\nCalibration samples: {counts}. Test data, held out:")
     for about in abouts:
         print(f"- {about}")
-    print(f"\nFile and packed sizes against the fp32 .onnx file; pack is zstd over byte-shuffled payloads, "
-          f"lossless. Latency: batch 1, ratio of medians over {args.runs} runs interleaved with fp32. Wall time "
-          f"includes compress()'s check on {CHECK_SAMPLES} samples, not the packing. "
+    print(f"\nFile and packed sizes against the fp32 .onnx file; pack is zstd or LZMA, the smaller, over "
+          f"byte-shuffled payloads, lossless. Latency: batch 1, ratio of medians over {args.runs} runs "
+          f"interleaved with fp32. Wall time includes compress()'s check on {CHECK_SAMPLES} samples, not the packing. "
           f"Total {time.perf_counter() - start:.0f} s.")
     if args.png and points:
         try:

@@ -80,7 +80,7 @@ def session(
             raise OnnxShrinkError(f"onnxruntime.SessionOptions has no attribute {name!r}")
         setattr(opts, name, value)
 
-    from .onnxz import MAGIC, is_packed, unpack_bytes
+    from .onnxz import is_packed, is_packed_bytes, unpack_bytes
 
     if isinstance(model, (str, os.PathLike)):
         source: Union[str, bytes] = os.fspath(model)
@@ -89,7 +89,7 @@ def session(
                 source = unpack_bytes(handle.read(), source)
     elif isinstance(model, (bytes, bytearray)):
         source = bytes(model)
-        if source.startswith(MAGIC):
+        if is_packed_bytes(source):
             source = unpack_bytes(source)
     elif hasattr(model, "SerializeToString"):  # onnx.ModelProto, without importing onnx here
         source = model.SerializeToString()

@@ -1,6 +1,8 @@
 """.onnxz (onnxshrink pack / unpack): byte-identical round trips, direct loading, clear refusals."""
 
 import hashlib
+import json
+import struct
 
 import numpy as np
 import onnx
@@ -8,6 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxshrink
+from onnxshrink import onnxz
 from onnxshrink.onnxz import pack_bytes, unpack_bytes
 from helpers import if_model, mlp_model
 from test_cli import cli, one_line_error
@@ -19,6 +22,70 @@ def test_round_trip_is_byte_identical_and_shuffling_helps():
     assert unpack_bytes(packed) == data
     assert report.original_bytes == len(data) and report.packed_bytes == len(packed)
     assert set(report.groups) == {4}  # the float32 weights, byte-shuffled as one group
+
+
+def _model_with(*arrays) -> bytes:
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("w0", onnx.TensorProto.UINT8, None)],
+                              [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(arrays)])
+    return helper.make_model(graph).SerializeToString()
+
+
+def test_each_stream_takes_the_smaller_codec():
+    rng = np.random.default_rng(0)
+    # 90% zeros, the rest 4-bit codes, two to a byte: what prune + cluster(bits=4) leave
+    codes = np.where(rng.random((2, 40000)) < 0.1, rng.integers(1, 16, (2, 40000)), 0).astype(np.uint8)
+    sparse_codes = (codes[0] | codes[1] << 4).astype(np.uint8)
+    noise = rng.standard_normal(20000).astype(np.float32)
+    data = _model_with(sparse_codes, noise)
+    packed, report = pack_bytes(data)
+    assert unpack_bytes(packed) == data
+    import zstandard
+
+    zstd = zstandard.ZstdCompressor(level=onnxz.LEVEL)
+    assert report.groups[1]["codec"].startswith("lzma2"), report.lines()
+    assert report.groups[1]["packed"] < 0.97 * len(zstd.compress(sparse_codes.tobytes())), report.lines()
+    assert report.groups[4]["packed"] <= len(zstd.compress(onnxz._shuffle(noise.tobytes(), 4))), report.lines()
+
+
+def test_long_streams_try_lzma_on_slices_first(monkeypatch):
+    monkeypatch.setattr(onnxz, "_TRIAL_BYTES", 16384)  # so a small model takes the long-stream path
+    rng = np.random.default_rng(1)
+    codes = np.where(rng.random(60000) < 0.1, rng.integers(1, 64, 60000), 0).astype(np.uint8)
+    noise = rng.standard_normal(30000).astype(np.float32)  # LZMA is not 5% smaller here: zstd, and fast
+    data = _model_with(codes, noise)
+    packed, report = pack_bytes(data)
+    assert unpack_bytes(packed) == data
+    assert report.groups[1]["codec"].startswith("lzma2") and report.groups[4]["codec"] == "zstd", report.lines()
+
+
+def test_files_of_the_first_layout_still_unpack():
+    import zstandard
+
+    data = mlp_model().SerializeToString()
+    pieces = onnxz._split(data)
+    structure = b"".join(data[a:b] for kind, a, b, _ in pieces if kind == "s")
+    floats = b"".join(onnxz._shuffle(data[a:b], w) for kind, a, b, w in pieces if kind == "p")
+    streams = [("s", zstandard.ZstdCompressor().compress(structure)), (4, zstandard.ZstdCompressor().compress(floats))]
+    header = json.dumps({"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                         "pieces": [["s" if kind == "s" else w, b - a] for kind, a, b, w in pieces],
+                         "streams": [[key, len(blob)] for key, blob in streams]}).encode()
+    old = onnxz.MAGIC_V1 + struct.pack("<I", len(header)) + header + b"".join(blob for _, blob in streams)
+    assert unpack_bytes(old) == data
+    assert onnxshrink.session(old).get_inputs()[0].name == "x"
+
+
+def test_an_unknown_stream_codec_is_refused():
+    import zstandard
+
+    packed = pack_bytes(mlp_model().SerializeToString())[0]
+    (length,) = struct.unpack_from("<I", packed, len(onnxz.MAGIC))
+    start = len(onnxz.MAGIC) + 4
+    header = json.loads(zstandard.ZstdDecompressor().decompress(packed[start:start + length]))
+    header["streams"][0][2] = ["lzma2", 9, 1 << 40]
+    bad = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
+    tampered = onnxz.MAGIC + struct.pack("<I", len(bad)) + bad + packed[start + length:]
+    with pytest.raises(onnxshrink.OnnxShrinkError, match="codec"):
+        unpack_bytes(tampered)
 
 
 def test_subgraph_and_constant_tensors_are_payloads_too():
