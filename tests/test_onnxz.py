@@ -88,6 +88,16 @@ def test_an_unknown_stream_codec_is_refused():
         unpack_bytes(tampered)
 
 
+def test_pack_checks_its_own_round_trip_and_writes_nothing_if_it_fails(tmp_path, monkeypatch):
+    source, target = tmp_path / "m.onnx", tmp_path / "m.onnxz"
+    onnx.save(mlp_model(), source)
+    decode = onnxz._decode
+    monkeypatch.setattr(onnxz, "_decode", lambda blob, codec: decode(blob, codec)[:-1] + b"?")  # a faulty codec
+    with pytest.raises(onnxshrink.OnnxShrinkError, match="pack"):
+        onnxz.pack_file(source, target)
+    assert not target.exists()
+
+
 def test_subgraph_and_constant_tensors_are_payloads_too():
     model = if_model()
     model.graph.node.insert(0, helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(
