@@ -154,6 +154,72 @@ def kept_channels(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[d
     return found, notes
 
 
+def unread_outputs(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> dict[str, tuple[np.ndarray, int]]:
+    """Weight name -> (mask of its output channels that nothing reads any more, its output axis).
+
+    Unstructured pruning can leave every weight that reads some channel at zero: the digits MLP
+    pruned 90% per layer uses 60 of its 128 second-layer units, and the weights computing the
+    other 68 (a third of the layer's budget) change nothing. A channel class of the flow is unread
+    when every layer that takes it as input has only zeros for it and nothing the flow cannot
+    follow (a graph output, a Reshape, a LayerNormalization ...) sees it. Zeroing the rows that
+    compute it can leave their own inputs unread in turn, so this repeats until nothing changes.
+    Only weights read by one node, of layers not excluded, are listed.
+    """
+    flow = ChannelFlow(model, set(exclude))
+    flow.follow()
+    roots = flow.roots()
+    frozen = {int(roots[i]) for i in flow.frozen}
+    uses = _readers(model.graph)
+    arrays = {layer.node.input[1]: flow.array(layer.node.input[1]).copy() for layer in flow.layers}
+    readers = [(layer, in_axis) for layer in flow.layers
+               for in_axis, _ in [flow.layer_axes(layer.node)] if in_axis is not None and layer.input_ids is not None]
+    producers = [layer for layer in flow.layers if uses[layer.node.input[1]] == 1 and
+                 layer.node.name not in exclude and layer.node.op_type not in exclude]
+    masks = {layer.node.input[1]: (np.zeros(len(layer.ids), bool), layer.out_axis) for layer in producers}
+    while True:
+        seen, read = set(), set()
+        for layer, in_axis in readers:
+            weight = arrays[layer.node.input[1]]
+            used = (np.moveaxis(weight, in_axis, 0).reshape(len(layer.input_ids), -1) != 0).any(axis=1)
+            seen.update(roots[layer.input_ids].tolist())
+            read.update(roots[layer.input_ids[used]].tolist())
+        unread = np.array(sorted(seen - read - frozen), dtype=np.int64)
+        changed = False
+        for layer in producers:
+            rows = np.isin(roots[layer.ids], unread)
+            moved = np.moveaxis(arrays[layer.node.input[1]], layer.out_axis, 0)  # a view: writes reach the array
+            if rows.any() and moved[rows].any():
+                moved[rows] = 0
+                changed = True
+            masks[layer.node.input[1]][0][rows] = True
+        if not changed:
+            return masks
+
+
+def zero_unread_outputs(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> list[Note]:
+    """Zero, in place, the weights that compute output channels nothing reads (unread_outputs): exact,
+    and shapes stay as they are, so later passes still line the layers up with the original model's;
+    the zeros cost next to nothing once stored sparse or packed. A note per layer that changed."""
+    masks = unread_outputs(model, exclude)
+    initializers = {t.name: t for t in model.graph.initializer}
+    notes = []
+    for node in model.graph.node:
+        name = node.input[1] if len(node.input) > 1 else None
+        if name not in masks or not masks[name][0].any():
+            continue
+        mask, out_axis = masks[name]
+        weight = numpy_helper.to_array(initializers[name]).copy()
+        rows = np.moveaxis(weight, out_axis, 0)  # a view
+        count = int((rows[mask] != 0).sum())
+        if count:
+            rows[mask] = 0
+            initializers[name].CopyFrom(numpy_helper.from_array(weight, name))
+            notes.append(Note(node.name or node.output[0], f"{count:,} more weights zeroed: they computed "
+                                                            f"{int(mask.sum())} of {len(mask)} output channels "
+                                                            f"that nothing reads any more"))
+    return notes
+
+
 def _rows(weight: np.ndarray, out_axis: int) -> np.ndarray:
     return np.moveaxis(weight, out_axis, 0).reshape(weight.shape[out_axis], -1).astype(np.float32)
 

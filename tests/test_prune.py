@@ -1,5 +1,7 @@
 """prune (magnitude / obs, unstructured / N:M, layer / global) and reconstruct."""
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -283,6 +285,31 @@ def test_digits_mlp_keeps_accuracy(digits_mlp_path, spec, max_drop):
     sparsity = float(spec.split("sparsity=")[1].split(",")[0].rstrip(")"))
     gemms = [w for w in weights_of(result.model).values() if w.ndim == 2]
     assert np.mean(np.concatenate([w.ravel() for w in gemms]) == 0) >= sparsity - 0.01
+
+
+def test_digits_mlp_at_90_percent_per_layer_respends_what_unread_channels_held(digits_mlp_path):
+    """At 90% per layer the 10-class head keeps 128 weights and reads 60 of the 128 second-layer units;
+    the first pass finds the rest unread, and the second gives their share of the budget to the units
+    still read. Accuracy on rows 300..539, measured with these 300 calibration rows: 0.929 -> 0.954
+    (benchmarks/prune.py, from 128 of them: 0.938 -> 0.971; fp32 0.992)."""
+    import zoo
+
+    x, labels = zoo.digits_test()
+    calibration, test, truth = [{"input": x[:300]}], {"input": x[300:]}, labels[300:]
+    model = onnx.load(digits_mlp_path)
+    found = {}
+    for flag in ("true", "false"):
+        result = onnxshrink.compress(model, f"prune(sparsity=0.9,method=obs,zero_unread={flag})",
+                                     calibration=calibration, samples=1)
+        found[flag] = (np.mean(run(result.model, test)[0].argmax(1) == truth), weights_of(result.model),
+                       [n.message for n in result.report.passes[0].notes])
+    (respent, w, notes), (plain, w_plain, _) = found["true"], found["false"]
+    assert respent >= plain + 0.015, (respent, plain)  # measured +0.025: 6 of the 240 rows
+    assert re.search(r"second pass: \d+ output channels", notes[1]), notes
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):  # the budget is the same, only placed better
+        assert np.mean(w[name] == 0) >= 0.9 - 1e-3 and np.mean(w_plain[name] == 0) >= 0.9 - 1e-3
+    unread = ~w["fc2.weight"].any(axis=1)
+    assert unread.sum() >= 68 and not w["fc3.weight"][:, unread].any()  # zeroed rows: units fc3 does not read
 
 
 # ---------------------------------------------------------------- MiniLM (real model, real sentences)

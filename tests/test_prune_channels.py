@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.errors import UsageError
 from onnxshrink.graph import constants_to_initializers, model_stats
-from onnxshrink.passes.prune_channels import ChannelFlow, choose_removed, kept_channels, prune_channels
+from onnxshrink.passes.prune_channels import (ChannelFlow, choose_removed, kept_channels, prune_channels,
+                                              unread_outputs, zero_unread_outputs)
 from helpers import run
 
 RNG = np.random.default_rng(0)
@@ -376,3 +377,48 @@ def test_digits_mlp_prunes_its_hidden_layers_and_stays_accurate(digits_mlp_path)
     x, labels = zoo.digits_test()
     accuracy = float((run(pruned, {"input": x})[0].argmax(axis=1) == labels).mean())
     assert accuracy >= 0.95  # measured 0.98, as the original
+
+
+# ---------------------------------------------------------------- channels nothing reads (after unstructured pruning)
+def test_unread_channels_are_zeroed_back_through_the_flow_without_changing_outputs():
+    model = c2f_like(zeroed=False)
+    arrays = initializers(model)
+    w5, w3 = arrays["w5"].copy(), arrays["w3"].copy()
+    w5[:, [0, 6]] = 0  # the last Conv ignores channels 0 and 6: through Mul, Add, depthwise, Relu, BN to conv3
+    w3[:, 0:8] = 0  # conv3 ignores the Concat's first part, Split piece s0: conv1's channels 0..7
+    for name, array in (("w5", w5), ("w3", w3)):
+        next(t for t in model.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(array, name))
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    masks = unread_outputs(model)
+    assert np.flatnonzero(masks["w3"][0]).tolist() == [0, 6] and np.flatnonzero(masks["w4"][0]).tolist() == [0, 6]
+    assert np.flatnonzero(masks["w1"][0]).tolist() == list(range(8))
+    assert not masks["w2"][0].any() and not masks["w5"][0].any()  # conv2's channels feed the residual, read
+    notes = zero_unread_outputs(model)
+    assert_valid_and_equal(before, model, feed(), rtol=1e-5)
+    after = initializers(model)
+    assert not after["w3"][[0, 6]].any() and not after["w4"][[0, 6]].any() and not after["w1"][:8].any()
+    np.testing.assert_array_equal(after["w1"][8:], arrays["w1"][8:])
+    np.testing.assert_array_equal(after["b1"], arrays["b1"])  # biases stay: their channels are read by no one
+    assert {n.where for n in notes} == {"conv1", "conv3", "depthwise"}
+
+
+def test_channels_read_by_a_graph_output_or_a_weight_are_not_unread():
+    nodes, arrays = relu_chain([helper.make_node("Relu", ["c1"], ["y"]), conv("conv2", "c1", "z", "w2")])
+    arrays["w2"] = weights(2, 8, 1, 1)
+    arrays["w2"][:, :4] = 0  # conv2 ignores c1's first four channels, but they are a graph output too
+    arrays["w1"][:, 5:7] = 0  # nobody reads conv0's channel 5 ...
+    arrays["w1"][3, 6] = 0.5  # ... while one weight is enough to keep channel 6
+    model = make_model(nodes, arrays, [("x", [1, 3, 4, 4])], [("y", [1, 8, 4, 4]), ("z", [1, 2, 4, 4])])
+    masks = unread_outputs(model)
+    assert not masks["w1"][0].any()
+    assert np.flatnonzero(masks["w0"][0]).tolist() == [5]
+
+
+def test_unread_outputs_leave_excluded_layers_alone():
+    nodes, arrays = relu_chain([conv("conv2", "c1", "y", "w2")])
+    arrays["w2"] = weights(2, 8, 1, 1)
+    arrays["w2"][:, 3] = 0
+    model = make_model(nodes, arrays, [("x", [1, 3, 4, 4])], [("y", [1, 2, 4, 4])])
+    assert np.flatnonzero(unread_outputs(model)["w1"][0]).tolist() == [3]
+    assert "w1" not in unread_outputs(model, exclude=("conv1",))
