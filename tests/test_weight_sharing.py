@@ -344,8 +344,9 @@ def test_digits_mlp_clustered_after_pruning(digits_mlp_path, tmp_path):
     onnxshrink.save(result.model, tmp_path / "small.onnx")
     pack_file(tmp_path / "small.onnx", tmp_path / "small.onnxz")
     ratio = (tmp_path / "small.onnxz").stat().st_size / len(model.SerializeToString())
-    # Measured: accuracy 0.983 (fp32 0.992 on these 240 rows), packed file 0.048x (20.9x smaller).
-    assert accuracy >= 0.975 and ratio < 0.052, (accuracy, ratio)
+    # Measured: accuracy 0.988 (fp32 0.992 on these 240 rows), packed file 0.043x (23.3x smaller; 0.048x
+    # when pack was zstd only).
+    assert accuracy >= 0.975 and ratio < 0.046, (accuracy, ratio)
 
 
 @pytest.mark.realmodel
