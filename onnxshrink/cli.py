@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", parents=[common], help="entropy-code a model losslessly into an .onnxz file")
     p.add_argument("model", help="input .onnx (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnxz (written atomically)")
-    p.add_argument("--level", type=int, default=None, help="zstd level 1-22 (default 12; streams LZMA codes smaller take LZMA)")
+    p.add_argument("--level", type=int, default=None,
+                   help="zstd level 1-22 (default 12; streams that LZMA codes smaller take LZMA)")
     p.add_argument("--reference", help="the uncompressed original .onnx: report bits per weight of it")
 
     p = sub.add_parser("unpack", parents=[common], help="restore the exact .onnx bytes from an .onnxz file")

@@ -142,7 +142,8 @@ class Prune(Pass):
         if obs and context.data is None:
             raise OnnxShrinkError("prune(method=obs) needs calibration data (--calib) for the layer Hessians")
         original = load(model) if obs and opts.target == "original" and opts.sequential else None
-        unpruned = {t.name: t.SerializeToString() for t in model.graph.initializer}
+        unpruned = {t.name: t.SerializeToString() for t in model.graph.initializer} \
+            if opts.zero_unread and not n_m else {}
         done = self._prune_all(model, original, layers, targets, n_m, context, {})
         if opts.zero_unread:
             from .prune_channels import unread_outputs, zero_unread_outputs
@@ -158,8 +159,8 @@ class Prune(Pass):
                     tensor.ParseFromString(unpruned[tensor.name])
                 done = self._prune_all(model, original, layers, targets, n_m, context, unread)
                 for name, mask in unread.items():
-                    done[name] += f" (second pass: {int(mask.sum())} output channels left unread by the first gave up " \
-                                  f"their share)"
+                    done[name] += f" (second pass: {int(mask.sum())} output channels left unread by the first " \
+                                  f"gave up their share)"
             notes += [Note(layer.where, done[layer.weight]) for layer in layers]
             notes += zero_unread_outputs(model, opts.exclude)
         else:
@@ -175,7 +176,8 @@ class Prune(Pass):
         # Magnitude layers first: they need no data, and the obs layers then see the inputs they leave.
         for layer in layers:
             if not (obs and layer.supports_obs):
-                pruned = _magnitude(_without(layer.matrix(weights), unread.get(layer.weight)), targets[layer.weight], n_m)
+                matrix = _without(layer.matrix(weights), unread.get(layer.weight))
+                pruned = _magnitude(matrix, targets[layer.weight], n_m)
                 layer.store(weights, pruned)
                 why = " (obs needs a MatMul/Gemm or a Conv of group 1 or depthwise)" if obs else ""
                 done[layer.weight] = "magnitude" + why + _zeros(pruned)
@@ -193,7 +195,8 @@ class Prune(Pass):
             if layer.node.input[0] in tappable:
                 stages.setdefault(layer.node.input[0], []).append(layer)
             else:
-                pruned = _magnitude(_without(layer.matrix(weights), unread.get(layer.weight)), targets[layer.weight], n_m)
+                matrix = _without(layer.matrix(weights), unread.get(layer.weight))
+                pruned = _magnitude(matrix, targets[layer.weight], n_m)
                 layer.store(weights, pruned)
                 done[layer.weight] = "magnitude (obs: the layer input is a constant)" + _zeros(pruned)
         convs = {source: [l for l in group if l.node.op_type == "Conv"] for source, group in stages.items()}
@@ -220,7 +223,8 @@ class Prune(Pass):
                 bias = _bias(layer.node, matrix.shape[1], weights, uses) if opts.target == "original" else None
                 bias_values = numpy_helper.to_array(weights[bias]).astype(np.float64) if bias else None
                 goal = _refit(matrix, bias_values, inner, cross, opts.ridge) if original is not None else matrix
-                pruned = sparsegpt(_without(goal, unread.get(layer.weight)), inner[:-1, :-1], targets[layer.weight], n_m, opts.block, opts.damping)
+                goal = _without(goal, unread.get(layer.weight))
+                pruned = sparsegpt(goal, inner[:-1, :-1], targets[layer.weight], n_m, opts.block, opts.damping)
                 layer.store(weights, pruned)
                 done[layer.weight] = "obs" + _zeros(pruned)
                 if bias:
