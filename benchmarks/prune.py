@@ -69,6 +69,8 @@ def onnxsim_rows(magnitude=(), sparsegpt=(), nm=False, structured=()) -> list[st
 
 PLAN = {
     "digits": [*unstructured(SPARSITIES), "prune(sparsity=0.9,method=obs,scope=global),reconstruct",
+               # without the second pass that gives unread channels' budget to the channels still read
+               "prune(sparsity=0.9,method=obs,zero_unread=false)",
                "prune(sparsity=0.9,scope=auto)", "prune(pattern=2:4,method=obs),reconstruct",
                *onnxsim_rows(magnitude=SPARSITIES, sparsegpt=SPARSITIES, nm=True)],
     # obs on 36 layers of up to 1536 inputs: one sparsity with reconstruct, the others without.
