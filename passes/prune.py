@@ -142,15 +142,15 @@ class Prune(Pass):
         if obs and context.data is None:
             raise OnnxShrinkError("prune(method=obs) needs calibration data (--calib) for the layer Hessians")
         original = load(model) if obs and opts.target == "original" and opts.sequential else None
-        unpruned = {t.name: t.SerializeToString() for t in model.graph.initializer} \
-            if opts.zero_unread and not n_m else {}
+        respend = opts.zero_unread and not n_m  # (N:M fixes every group's count: nothing to hand on)
+        unpruned = {t.name: t.SerializeToString() for t in model.graph.initializer} if respend else {}
         done = self._prune_all(model, original, layers, targets, n_m, context, {})
-        if opts.zero_unread:
-            from .prune_channels import unread_outputs, zero_unread_outputs
+        if respend:
+            from .prune_channels import unread_outputs
 
             unread = {name: mask for name, (mask, _) in unread_outputs(model, opts.exclude).items()
                       if name in targets and mask.any()}
-            if unread and not n_m:  # (N:M fixes every group's count: nothing to hand on)
+            if unread:
                 # Prune again from the unpruned weights with those channels zeroed first, so their
                 # share of each layer's budget goes to the channels still read. One round: the digits
                 # MLP at 90% per layer keeps accuracy 0.971 instead of 0.938; further rounds only
@@ -161,10 +161,11 @@ class Prune(Pass):
                 for name, mask in unread.items():
                     done[name] += f" (second pass: {int(mask.sum())} output channels left unread by the first " \
                                   f"gave up their share)"
-            notes += [Note(layer.where, done[layer.weight]) for layer in layers]
+        notes += [Note(layer.where, done[layer.weight]) for layer in layers]
+        if opts.zero_unread:
+            from .prune_channels import zero_unread_outputs
+
             notes += zero_unread_outputs(model, opts.exclude)
-        else:
-            notes += [Note(layer.where, done[layer.weight]) for layer in layers]
         return PassOutput(model, notes)
 
     def _prune_all(self, model, original, layers, targets, n_m, context, unread: dict) -> dict[str, str]:

@@ -171,8 +171,11 @@ def unread_outputs(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> dic
     frozen = {int(roots[i]) for i in flow.frozen}
     uses = _readers(model.graph)
     arrays = {layer.node.input[1]: flow.array(layer.node.input[1]).copy() for layer in flow.layers}
-    readers = [(layer, in_axis) for layer in flow.layers
-               for in_axis, _ in [flow.layer_axes(layer.node)] if in_axis is not None and layer.input_ids is not None]
+    readers = []  # (layer, its input axis) for the layers whose input channels the flow knows
+    for layer in flow.layers:
+        in_axis, _ = flow.layer_axes(layer.node)
+        if in_axis is not None and layer.input_ids is not None:
+            readers.append((layer, in_axis))
     producers = [layer for layer in flow.layers if uses[layer.node.input[1]] == 1 and
                  layer.node.name not in exclude and layer.node.op_type not in exclude]
     masks = {layer.node.input[1]: (np.zeros(len(layer.ids), bool), layer.out_axis) for layer in producers}
