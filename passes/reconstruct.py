@@ -42,6 +42,10 @@ predecessors now give it; refitting all from one pass over the data leaves each 
 inputs that no longer occur (on the digits MLP at 90% sparsity that costs more accuracy than
 reconstruction wins). Each stage streams the calibration data once through the current model
 and once through the original, each cut down to the nodes the stage observes.
+
+Then, with `network=auto`, network_refit trains the same unknowns together against the original
+model's outputs, where it can differentiate every op on the way (MLPs): layer by layer, no fit can
+undo an error that only a later layer could absorb.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
 
+from .network_refit import refine
 from .weight_sharing import column_normal_equations, shared_weight
 
 
@@ -83,6 +88,14 @@ class Reconstruct(Pass):
                                       "up to 10, are tried too, and held-out samples pick one", low=0)
         max_positions: int = option(1024, "Conv: output positions per image that enter the fit, drawn at random "
                                           "where a map has more; 0 takes them all", low=0)
+        network: str = option("auto", "auto: then refine the refit layers together against the model's outputs by "
+                                      "gradient descent, where every op on the way is one it differentiates (MLPs) "
+                                      "and held-out samples confirm the gain; off: layer by layer only",
+                              choices=("auto", "off"))
+        steps: int = option(2000, "network refit: most gradient steps (held-out samples choose how many)", low=1)
+        rate: float = option(0.03, "network refit: Adam step, relative to each tensor's RMS value", low=0)
+        network_samples: int = option(512, "network refit: calibration rows used (entries along the inputs' "
+                                                   "first axis)", low=8)
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassOutput:
         if context.reference is None or context.data is None:
@@ -102,6 +115,9 @@ class Reconstruct(Pass):
                 before, after, how = layer.refit(model, weights, self.options.damping, taken)
                 notes.append(Note(layer.where, f"output error {before:.3g} -> {after:.3g} of the original output "
                                                f"energy{how}"))
+        if self.options.network == "auto":
+            notes += refine(model, context.reference, layers, weights, context.data, context.data_is_real,
+                            self.options.steps, self.options.rate, self.options.network_samples)
         return PassOutput(model, notes)
 
 

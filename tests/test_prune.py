@@ -263,7 +263,7 @@ def test_reconstruct_needs_the_original_and_keeps_zeros():
     w = weights_of(result.model)
     assert np.mean(w["w1"] == 0) >= 0.599 and np.mean(w["w2"] == 0) >= 0.599  # the support is kept
     assert refit.fidelity["cosine"] > pruned.fidelity["cosine"]
-    assert all("->" in n.message for n in refit.notes)
+    assert all("->" in n.message for n in refit.notes if n.where != "(graph)")  # the network refit may decline
 
 
 # ---------------------------------------------------------------- the digits MLP (real data)
