@@ -45,6 +45,8 @@ PLAN = {
         *[f"svd(ratio={r})" for r in (0.3, 0.5)],
         "quantize-weights(bits=4,method=gptq)",
         "prune(sparsity=0.9,method=obs),cluster(bits=4),reconstruct",
+        "prune(sparsity=0.9,method=obs),cluster(bits=4),reconstruct(network=off)",  # layer-wise fit only
+        "prune(sparsity=0.9,method=obs),reconstruct,cluster(bits=4),reconstruct",
         "prune(sparsity=0.9,method=obs,scope=global),reconstruct,cluster(bits=4),reconstruct",
         "prune(sparsity=0.9,method=obs),reconstruct,cluster(bits=4)",
         "prune(sparsity=0.95,method=obs),cluster(bits=4),reconstruct",

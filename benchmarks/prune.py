@@ -71,6 +71,9 @@ PLAN = {
     "digits": [*unstructured(SPARSITIES), "prune(sparsity=0.9,method=obs,scope=global),reconstruct",
                # without the second pass that gives unread channels' budget to the channels still read
                "prune(sparsity=0.9,method=obs,zero_unread=false)",
+               # the layer-wise fit alone, without the network refit that follows it on MLPs
+               "prune(sparsity=0.8,method=obs),reconstruct(network=off)",
+               "prune(sparsity=0.9,method=obs),reconstruct(network=off)",
                "prune(sparsity=0.9,scope=auto)", "prune(pattern=2:4,method=obs),reconstruct",
                *onnxsim_rows(magnitude=SPARSITIES, sparsegpt=SPARSITIES, nm=True)],
     # obs on 36 layers of up to 1536 inputs: one sparsity with reconstruct, the others without.
