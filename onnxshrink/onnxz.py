@@ -43,6 +43,8 @@ _LZMA_CONTEXTS = (0, 4)
 # about 1 MB/s, and would take 66 s instead of 3 s on MiniLM's float weights for 0.9% less.
 _TRIAL_BYTES, _TRIAL_SLICES, _LZMA_GAIN = 2 << 20, 8, 0.95
 _LZMA_DICTIONARY = 16 << 20  # at most; packing needs about 11x this, unpacking 1x
+# 1-byte streams are also tried as bit plane + remainder where one symbol is at least this common.
+_PLANE_SHARE = 0.4
 
 # TensorProto.data_type -> bytes per element in raw_data (packed 4-bit and 8-bit types: 1).
 _ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2,
@@ -99,7 +101,7 @@ def pack_bytes(data: bytes, level: int = LEVEL) -> tuple[bytes, PackReport]:
             groups.setdefault(width, []).append(_shuffle(data[start:end], width))
             order.append((width, end - start))
     raw = [("s", bytes(structure))] + [(width, b"".join(parts)) for width, parts in sorted(groups.items())]
-    streams = [(key, *_encode(blob, level)) for key, blob in raw]  # (key, codec, blob)
+    streams = [(key, *(_encode_codes(blob, level) if key == 1 else _encode(blob, level))) for key, blob in raw]
     header = json.dumps({"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pieces": order,
                          "streams": [[key, len(blob), codec] for key, codec, blob in streams]},
                         separators=(",", ":")).encode()
@@ -212,11 +214,65 @@ def _encode(blob: bytes, level: int) -> tuple[str | list, bytes]:
     return best
 
 
+def _encode_codes(blob: bytes, level: int) -> tuple[str | list, bytes]:
+    """A stream of 1-byte elements (clustered codes, 4 bits to a byte, or int8 weights): as _encode,
+    or, where it codes smaller, as two planes: a bit per symbol (4-bit nibble or byte) for whether
+    it differs from the most common symbol (a pruned weight's code), and the symbols that differ.
+    LZMA models the sparse bit plane and the dense remainder apart far better than their mix: the
+    digits MLP's codes after prune(0.9) and cluster(bits=4), 4,759 -> 4,285 bytes.
+    Codec: ["planes", bits, symbol, length, coded bit-plane length, its codec, the rest's codec]."""
+    best = _encode(blob, level)
+    data = np.frombuffer(blob, np.uint8)
+    for bits in (4, 8):
+        symbols = _symbols(data, bits)
+        counts = np.bincount(symbols, minlength=1 << bits)
+        symbol = int(np.argmax(counts))
+        if counts[symbol] < _PLANE_SHARE * symbols.size:
+            continue
+        differs = symbols != symbol
+        rest = symbols[differs]
+        if bits == 4:
+            rest = np.append(rest, np.zeros(rest.size % 2, np.uint8))
+            rest = rest[0::2] | (rest[1::2] << 4)
+        plane_codec, plane = _encode(np.packbits(differs).tobytes(), level)
+        rest_codec, coded = _encode(rest.astype(np.uint8).tobytes(), level)
+        if len(plane) + len(coded) < len(best[1]):
+            best = (["planes", bits, symbol, len(blob), len(plane), plane_codec, rest_codec], plane + coded)
+    return best
+
+
+def _symbols(data: np.ndarray, bits: int) -> np.ndarray:
+    """Bytes as 4-bit symbols (low nibble first) or as they are."""
+    if bits == 8:
+        return data
+    return np.stack([data & 15, data >> 4], axis=1).reshape(-1)
+
+
+def _unplanes(blob: bytes, codec) -> bytes:
+    _, bits, symbol, length, plane_size, plane_codec, rest_codec = codec
+    if bits not in (4, 8) or not 0 <= symbol < (1 << bits) or not 0 <= plane_size <= len(blob) or length < 0:
+        raise ValueError(f"unknown stream codec {codec!r}")
+    count = length * 8 // bits
+    differs = np.unpackbits(np.frombuffer(_decode(blob[:plane_size], plane_codec), np.uint8))[:count].astype(bool)
+    rest = np.frombuffer(_decode(blob[plane_size:], rest_codec), np.uint8)
+    if bits == 4:
+        rest = _symbols(rest, 4)
+    if differs.size != count or rest.size < differs.sum():
+        raise ValueError("a code plane is shorter than its stream")
+    symbols = np.full(count, symbol, np.uint8)
+    symbols[differs] = rest[:int(differs.sum())]
+    if bits == 4:
+        symbols = symbols[0::2] | (symbols[1::2] << 4)
+    return symbols.tobytes()
+
+
 def _decode(blob: bytes, codec) -> bytes:
     import zstandard
 
     if codec == "zstd":
         return zstandard.ZstdDecompressor().decompress(blob)
+    if codec[0] == "planes":
+        return _unplanes(blob, codec)
     name, lc, dictionary = codec
     if name != "lzma2" or not (0 <= lc <= 4 and 4096 <= dictionary <= _LZMA_DICTIONARY):
         raise ValueError(f"unknown stream codec {codec!r}")
@@ -237,7 +293,11 @@ def _dictionary(blob: bytes) -> int:
 
 
 def _codec_name(codec) -> str:
-    return codec if isinstance(codec, str) else f"lzma2 lc={codec[1]}"
+    if isinstance(codec, str):
+        return codec
+    if codec[0] == "planes":
+        return f"{codec[1]}-bit planes: {_codec_name(codec[5])} + {_codec_name(codec[6])}"
+    return f"lzma2 lc={codec[1]}"
 
 
 # ---------------------------------------------------------------- wire format

@@ -42,7 +42,7 @@ def test_each_stream_takes_the_smaller_codec():
     import zstandard
 
     zstd = zstandard.ZstdCompressor(level=onnxz.LEVEL)
-    assert report.groups[1]["codec"].startswith("lzma2"), report.lines()
+    assert report.groups[1]["codec"] != "zstd", report.lines()
     assert report.groups[1]["packed"] < 0.97 * len(zstd.compress(sparse_codes.tobytes())), report.lines()
     assert report.groups[4]["packed"] <= len(zstd.compress(onnxz._shuffle(noise.tobytes(), 4))), report.lines()
 
@@ -55,7 +55,31 @@ def test_long_streams_try_lzma_on_slices_first(monkeypatch):
     data = _model_with(codes, noise)
     packed, report = pack_bytes(data)
     assert unpack_bytes(packed) == data
-    assert report.groups[1]["codec"].startswith("lzma2") and report.groups[4]["codec"] == "zstd", report.lines()
+    assert report.groups[1]["codec"] != "zstd" and report.groups[4]["codec"] == "zstd", report.lines()
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 4097])
+def test_sparse_codes_are_coded_as_a_bit_plane_and_the_rest(length):
+    rng = np.random.default_rng(length)
+    nibbles = np.where(rng.random(2 * length) < 0.12, rng.integers(1, 16, 2 * length), 0).astype(np.uint8)
+    codes = (nibbles[0::2] | nibbles[1::2] << 4).tobytes()
+    for blob in (codes, rng.integers(0, 256, length).astype(np.uint8).tobytes(), bytes(length)):
+        codec, coded = onnxz._encode_codes(blob, onnxz.LEVEL)
+        assert onnxz._decode(coded, codec) == blob, codec
+    if length == 4097:  # long enough for the planes to pay: 4,097 bytes of codes -> measured 1,121 vs 1,238
+        codec, coded = onnxz._encode_codes(codes, onnxz.LEVEL)
+        assert codec[0] == "planes" and len(coded) < 0.95 * len(onnxz._encode(codes, onnxz.LEVEL)[1]), codec
+
+
+def test_a_corrupt_planes_codec_is_refused():
+    rng = np.random.default_rng(3)
+    blob = np.where(rng.random(5000) < 0.1, rng.integers(1, 256, 5000), 0).astype(np.uint8).tobytes()
+    codec, coded = onnxz._encode_codes(blob, onnxz.LEVEL)
+    assert codec[0] == "planes"
+    for bad in ([*codec[:1], 5, *codec[2:]], [*codec[:2], 300, *codec[3:]], [*codec[:4], len(coded) + 1, *codec[5:]],
+                [*codec[:3], codec[3] + 100, *codec[4:]]):
+        with pytest.raises(ValueError):
+            onnxz._decode(coded, bad)
 
 
 def test_files_of_the_first_layout_still_unpack():
