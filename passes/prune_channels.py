@@ -205,6 +205,7 @@ def zero_unread_outputs(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -
     the zeros cost next to nothing once stored sparse or packed. A note per layer that changed."""
     masks = unread_outputs(model, exclude)
     initializers = {t.name: t for t in model.graph.initializer}
+    uses = _readers(model.graph)
     notes = []
     for node in model.graph.node:
         name = node.input[1] if len(node.input) > 1 else None
@@ -217,10 +218,31 @@ def zero_unread_outputs(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -
         if count:
             rows[mask] = 0
             initializers[name].CopyFrom(numpy_helper.from_array(weight, name))
-            notes.append(Note(node.name or node.output[0], f"{count:,} more weights zeroed: they computed "
-                                                            f"{int(mask.sum())} of {len(mask)} output channels "
-                                                            f"that nothing reads any more"))
+        biases = _zero_bias(model.graph, node, mask, initializers, uses)
+        if count or biases:
+            notes.append(Note(node.name or node.output[0], f"{count:,} more weights and {biases} biases zeroed: "
+                                                            f"they computed {int(mask.sum())} of {len(mask)} "
+                                                            f"output channels that nothing reads any more"))
     return notes
+
+
+def _zero_bias(graph, node, mask: np.ndarray, initializers: dict, uses: dict) -> int:
+    """Zero the bias entries of the channels in `mask` (Gemm's C, Conv's B, or the 1-D constant of the
+    one Add a MatMul feeds), where the bias is a 1-D initializer of this layer alone; how many changed."""
+    if node.op_type in ("Gemm", "Conv", "ConvTranspose"):
+        name = node.input[2] if len(node.input) > 2 else ""
+    else:
+        readers = [n for n in graph.node if node.output[0] in n.input]
+        add = readers[0] if len(readers) == 1 and readers[0].op_type == "Add" else None
+        name = next((i for i in add.input if i in initializers), "") if add is not None else ""
+    if name not in initializers or uses.get(name, 0) != 1 or list(initializers[name].dims) != [len(mask)]:
+        return 0
+    bias = numpy_helper.to_array(initializers[name]).copy()
+    count = int((bias[mask] != 0).sum())
+    if count:
+        bias[mask] = 0
+        initializers[name].CopyFrom(numpy_helper.from_array(bias, name))
+    return count
 
 
 def _rows(weight: np.ndarray, out_axis: int) -> np.ndarray:

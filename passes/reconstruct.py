@@ -266,8 +266,8 @@ class Dense:
             rhs.append(right[None])
             energy.append(fold_energy)
         support = start != 0
-        if biased:
-            support[-1] = True
+        if biased:  # a column left with no weight and no bias stays so (prune zeroes what nothing reads)
+            support[-1] = support.any(axis=0)
         result = fit(Problem(np.stack(grams), np.stack(rhs), np.array(energy)), start[None], support[None], damping)
         if not result.changed:
             return result.before, result.after, f" ({result.how})"
@@ -314,10 +314,13 @@ class SharedDense(Dense):
             rhs.append(b[None, :, None])
             energy.append(fold_energy)
         start = flat[free]
+        support = np.ones(start.size, bool)
         if biased:
-            start = np.concatenate([start, numpy_helper.to_array(weights[self.bias]).astype(np.float64).reshape(-1)])
+            bias = numpy_helper.to_array(weights[self.bias]).astype(np.float64).reshape(-1)
+            start = np.concatenate([start, bias])
+            support = np.concatenate([support, _live_columns(flat, self.positions, bias)])
         result = fit(Problem(np.stack(grams), np.stack(rhs), np.array(energy)), start[None, :, None],
-                     np.ones((1, start.size, 1), bool), damping)
+                     support[None, :, None], damping)
         how = f" ({len(free)} codebook values: {result.how})"
         if not result.changed:
             return result.before, result.after, how
@@ -362,7 +365,7 @@ class SharedDense(Dense):
         if biased:
             bias = numpy_helper.to_array(weights[self.bias]).astype(np.float64).reshape(-1)
             start = np.concatenate([start, bias[:, None]], axis=1)
-            support = np.concatenate([free, np.ones((n, 1), bool)], axis=1)
+            support = np.concatenate([free, _live_columns(flat, self.positions, bias)[:, None]], axis=1)
         result = fit(Problem(np.stack(grams), np.stack(rhs), np.array(energy)), start[:, :, None],
                      support[:, :, None], damping)
         how = f" ({int(free.sum())} codebook values in {n} per-column systems: {result.how})"
@@ -377,6 +380,12 @@ class SharedDense(Dense):
         if biased:
             weights[self.bias].CopyFrom(numpy_helper.from_array(solved[:, -1].astype(np.float32), self.bias))
         return result.before, result.after, how
+
+
+def _live_columns(flat: np.ndarray, positions: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Output columns with a nonzero weight or bias: the others, zeroed by prune because nothing reads
+    them, keep their zero bias instead of being refit to the original's mean output."""
+    return (flat[positions] != 0).any(axis=0) | (bias != 0)
 
 
 def _as_stored(values: np.ndarray, codebook: onnx.TensorProto) -> np.ndarray:
