@@ -209,36 +209,82 @@ def _constant_values(model, names: set, sample: dict) -> dict:
 @dataclass
 class _Unknown:
     """One tensor the fit changes, held as its free values; `expand` gives the tensor the program
-    reads, `collect` turns that tensor's gradient into the free values' gradient."""
+    reads, `collect` turns that tensor's gradient into the free values' gradient.
+
+    A codebook whose codes can be rewritten (`size` > 0) also carries each nonzero weight's own
+    value after the codebook's (`values` = codebook + latent weights): every step snaps a weight
+    to the nearest nonzero value of its codebook row, and its gradient passes straight through
+    the snap to its own value, so weights may change code (quantization-aware training; zeros and
+    the number of bits stay)."""
 
     tensor: str  # the initializer written back
     read_as: str  # the tensor the program reads (the decoded weight, for a codebook)
     values: np.ndarray  # free values, float64
-    shape: tuple
+    shape: tuple  # the tensor's (a codebook's, not counting latent weights)
     free: np.ndarray  # mask over values: False ones stay
     positions: np.ndarray | None = None  # codebook: the flat position each weight entry reads
+    size: int = 0  # codebook whose codes may change: values per codebook row
+    live: np.ndarray | None = None  # ... and which weight entries (flat) have a value of their own
+    penalty: float = 0.0  # ... and what a bit of code costs when snapping
+    snapped: np.ndarray | None = None  # the positions of the last expand
 
-    def expand(self, values: np.ndarray) -> np.ndarray:
+    @property
+    def book(self) -> int:
+        return int(np.prod(self.shape))
+
+    def expand(self, values: np.ndarray, snap: bool = True) -> np.ndarray:
+        """The tensor read; `snap=False`: with the codes as stored (the model as it is)."""
         if self.positions is None:
             return values.reshape(self.shape)
-        return values[self.positions]
+        self.snapped = self.snap(values) if self.size and snap else self.positions
+        return values[self.snapped]
 
     def collect(self, grad: np.ndarray) -> np.ndarray:
         if self.positions is None:
-            grad = grad.reshape(-1)
-        else:
-            grad = np.bincount(self.positions.reshape(-1), weights=grad.reshape(-1), minlength=self.values.size)
-        return grad * self.free
+            return grad.reshape(-1) * self.free
+        out = np.zeros(self.values.size)
+        out[:self.book] = np.bincount(self.snapped.reshape(-1), weights=grad.reshape(-1), minlength=self.book)
+        if self.size:
+            out[self.book:] = grad.reshape(-1)[self.live]
+        return out * self.free
+
+    def snap(self, values: np.ndarray) -> np.ndarray:
+        """Each weight with a value of its own: the position of the nonzero value of its row that is
+        nearest, in squared error plus `penalty` times the mean square weight per bit of code length
+        (the codes' entropy, from the last snap: pack codes frequent values in fewer bits)."""
+        rows = values[:self.book].reshape(-1, self.size)
+        row = self.positions.reshape(-1)[self.live] // self.size
+        candidates = rows[row]
+        latent = values[self.book:]
+        distance = (latent[:, None] - candidates) ** 2
+        if self.penalty:
+            last = (self.positions if self.snapped is None else self.snapped).reshape(-1)[self.live]
+            counts = np.bincount(last, minlength=self.book).reshape(-1, self.size) + 1.0
+            bits = -np.log2(counts / counts.sum(axis=1, keepdims=True))
+            distance += self.penalty * float(np.mean(latent ** 2)) * bits[row]
+        distance[candidates == 0] = np.inf  # nonzero weights stay nonzero
+        snapped = self.positions.copy().reshape(-1)
+        snapped[self.live] = row * self.size + distance.argmin(axis=1)
+        return snapped.reshape(self.positions.shape)
 
 
-def _unknowns(layers, weights: dict) -> list[_Unknown]:
+def _unknowns(model: onnx.ModelProto, layers, weights: dict, penalty: float) -> list[_Unknown]:
+    from .weight_sharing import code_rows
+
     unknowns = []
     for layer in layers:
         weight = layer.node.input[1]
         if getattr(layer, "codebook", ""):
             book = numpy_helper.to_array(weights[layer.codebook]).astype(np.float64).reshape(-1)
             stored = layer.positions.T if layer.transposed else layer.positions  # as the node reads it
-            unknowns.append(_Unknown(layer.codebook, weight, book, book.shape, book != 0, stored))
+            unknown = _Unknown(layer.codebook, weight, book, book.shape, book != 0, stored)
+            size = code_rows(model, weight)
+            if size and book.size % size == 0:
+                live = (book[stored] != 0).reshape(-1)
+                unknown.values = np.concatenate([book, book[stored].reshape(-1)[live]])
+                unknown.free = np.concatenate([book != 0, np.ones(int(live.sum()), bool)])
+                unknown.size, unknown.live, unknown.penalty = size, live, penalty
+            unknowns.append(unknown)
         elif layer.node.op_type in ("MatMul", "Gemm") and weight in weights:
             values = numpy_helper.to_array(weights[weight]).astype(np.float64)
             unknowns.append(_Unknown(weight, weight, values.reshape(-1), values.shape, values.reshape(-1) != 0))
@@ -255,9 +301,12 @@ def _unknowns(layers, weights: dict) -> list[_Unknown]:
 # the fit
 # --------------------------------------------------------------------------
 def refine(model: onnx.ModelProto, reference: onnx.ModelProto, layers: list, weights: dict, data, real: bool,
-           steps: int, rate: float, max_samples: int) -> list[Note]:
-    """Refine `layers` (after their layer-wise fit) together; writes into `weights` and returns notes."""
+           steps: int, rate: float, max_samples: int, penalty: float) -> list[Note]:
+    """Refine `layers` (after their layer-wise fit) together; writes into `weights` (and a clustered
+    weight's codes into `model`) and returns notes."""
     from onnxshrink.runtime import make_session, run_all
+
+    from .weight_sharing import recode
 
     try:
         program = _program(model, data.take(1)[0])
@@ -270,7 +319,7 @@ def refine(model: onnx.ModelProto, reference: onnx.ModelProto, layers: list, wei
     count = len(next(iter(samples.values())))
     if count < 8:
         return [Note("(graph)", f"network refit skipped: {count} calibration rows are too few")]
-    unknowns = _unknowns(layers, weights)
+    unknowns = _unknowns(model, layers, weights, penalty)
     for unknown in unknowns:
         program.constants.pop(unknown.read_as, None)
     work = 6 * steps * 2 * (1 + MIXUP) * count * sum(u.positions.size if u.positions is not None
@@ -289,7 +338,7 @@ def refine(model: onnx.ModelProto, reference: onnx.ModelProto, layers: list, wei
         (expected,) = run_all(current, [{k: v.astype(dtypes[k]) for k, v in probe.items()}])
     except OnnxShrinkError as exc:
         return [Note("(graph)", f"network refit skipped: the model does not run on a batch of samples ({exc})")]
-    computed = program.forward(probe, _expanded(unknowns, [u.values for u in unknowns]))
+    computed = program.forward(probe, _expanded(unknowns, [u.values for u in unknowns], snap=False))
     for name, value in zip(names, expected):  # the numpy program must be the model onnxruntime runs
         got = computed[name]
         if got.shape != value.shape or np.linalg.norm(got - value) > 1e-3 * max(np.linalg.norm(value), 1e-12):
@@ -305,12 +354,12 @@ def refine(model: onnx.ModelProto, reference: onnx.ModelProto, layers: list, wei
     held_batch = {k: v[held] for k, v in samples.items()}
     held_targets = targets(held_batch)
 
-    def error(values) -> float:
-        env = program.forward(held_batch, _expanded(unknowns, values))
+    def error(values, snap: bool = True) -> float:
+        env = program.forward(held_batch, _expanded(unknowns, values, snap))
         return sum(float(np.sum((env[n] - t) ** 2, dtype=np.float64) / max(np.sum(t * t, dtype=np.float64), 1e-30))
                    for n, t in held_targets.items())
 
-    before = error(start)
+    before = error(start, snap=False)
     scores = _train(program, unknowns, start, samples, train, targets, steps, steps, rate, error)
     best_steps, best, _ = min(scores, key=lambda item: (item[1], item[0]))
     if best_steps == 0 or best >= before * 0.99:
@@ -318,15 +367,28 @@ def refine(model: onnx.ModelProto, reference: onnx.ModelProto, layers: list, wei
                                 f"(error {before:.3g}); layer-wise fit kept")]
     final = _train(program, unknowns, start, samples, np.arange(count), targets, best_steps, steps, rate, None)
     values = final[-1][2]
+    moved = 0
+    codes = {t.name: t.SerializeToString() for t in model.graph.initializer if t.data_type == TensorProto.UINT8}
+    for unknown, solved in zip(unknowns, values):  # codes first: where one cannot be rewritten, all stay
+        if unknown.size:
+            positions = unknown.snap(solved)
+            moved += int(np.sum(positions != unknown.positions))
+            if not recode(model, unknown.read_as, positions):
+                for tensor in model.graph.initializer:
+                    if tensor.name in codes:
+                        tensor.ParseFromString(codes[tensor.name])
+                return [Note("(graph)", f"network refit: the codes of {unknown.read_as} could not be rewritten; "
+                                        f"layer-wise fit kept")]
     for unknown, solved in zip(unknowns, values):
         stored = weights[unknown.tensor]
         dtype = np.float16 if stored.data_type == TensorProto.FLOAT16 else np.float32
-        weights[unknown.tensor].CopyFrom(numpy_helper.from_array(solved.reshape(unknown.shape).astype(dtype),
-                                                                 unknown.tensor))
+        weights[unknown.tensor].CopyFrom(numpy_helper.from_array(
+            solved[:unknown.book].reshape(unknown.shape).astype(dtype), unknown.tensor))
     refit = len({u.read_as for u in unknowns} & {layer.node.input[1] for layer in layers})
+    recoded = f"; {moved:,} weights changed code" if any(u.size for u in unknowns) else ""
     return [Note("(graph)", f"network refit of {refit} layers ({sum(int(u.free.sum()) for u in unknowns):,} "
                             f"values) over {best_steps} steps: held-out output error {before:.3g} -> {best:.3g} "
-                            f"of the original output energy (trained on half the samples; then on all)")]
+                            f"of the original output energy (trained on half the samples; then on all){recoded}")]
 
 
 def _any_batch(model: onnx.ModelProto, inputs: list[str]) -> onnx.ModelProto:
@@ -359,10 +421,10 @@ def _stack_feeds(feeds: list[dict], inputs: list[str]) -> dict:
     return stacked
 
 
-def _expanded(unknowns, values) -> dict:
+def _expanded(unknowns, values, snap: bool = True) -> dict:
     """The tensors the program reads, in float32: the values are kept in float64, the products need
     no more than the model itself computes with."""
-    return {u.read_as: u.expand(v).astype(np.float32) for u, v in zip(unknowns, values)}
+    return {u.read_as: u.expand(v, snap).astype(np.float32) for u, v in zip(unknowns, values)}
 
 
 def _train(program, unknowns, start, samples, rows, targets, steps, schedule, rate, error) -> list:
@@ -370,12 +432,14 @@ def _train(program, unknowns, start, samples, rows, targets, steps, schedule, ra
     `schedule` steps long; returns (steps, held-out error, values) at each check (only the last,
     without `error`)."""
     rng = np.random.default_rng(0)
+    for unknown in unknowns:
+        unknown.snapped = None  # code frequencies start from the codes as stored
     values = [v.copy() for v in start]
     scale = [max(float(np.sqrt(np.mean(v[u.free] ** 2))) if u.free.any() else 0.0, 1e-8)
              for u, v in zip(unknowns, start)]
     first = [np.zeros_like(v) for v in values]
     second = [np.zeros_like(v) for v in values]
-    checks = [(0, error(values), None)] if error is not None else []
+    checks = [(0, error(values, False), None)] if error is not None else []  # step 0: the codes as stored
     every = max(1, schedule // _CHECKS)
     for step in range(1, steps + 1):
         decay = 0.5 * (1 + np.cos(np.pi * step / (schedule + 1)))  # cosine: settles as the schedule ends

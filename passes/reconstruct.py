@@ -94,6 +94,9 @@ class Reconstruct(Pass):
                               choices=("auto", "off"))
         steps: int = option(2000, "network refit: most gradient steps (held-out samples choose how many)", low=1)
         rate: float = option(0.03, "network refit: Adam step, relative to each tensor's RMS value", low=0)
+        code_bits: float = option(0.01, "network refit of clustered weights: what a bit of code length costs when a "
+                                        "weight is snapped to a codebook value, as a fraction of the mean square "
+                                        "weight (0: the nearest value; more packs smaller)", low=0)
         network_samples: int = option(512, "network refit: calibration rows used (entries along the inputs' "
                                                    "first axis)", low=8)
 
@@ -117,7 +120,8 @@ class Reconstruct(Pass):
                                                f"energy{how}"))
         if self.options.network == "auto":
             notes += refine(model, context.reference, layers, weights, context.data, context.data_is_real,
-                            self.options.steps, self.options.rate, self.options.network_samples)
+                            self.options.steps, self.options.rate, self.options.network_samples,
+                            self.options.code_bits)
         return PassOutput(model, notes)
 
 

@@ -355,6 +355,51 @@ def shared_weight(model: onnx.ModelProto, name: str) -> tuple[str, np.ndarray] |
     return found[1].name, codebook_positions(model, name, *found)
 
 
+def code_rows(model: onnx.ModelProto, name: str) -> int | None:
+    """For a weight `cluster` rebuilt: how many values each of its codebooks holds (codes index one
+    codebook row of that many values); None where its codes cannot be rewritten (pq, or not clustered)."""
+    layout = _code_layout(model, name)
+    return None if layout is None else 1 << layout[1]
+
+
+def recode(model: onnx.ModelProto, name: str, positions: np.ndarray) -> bool:
+    """Rewrite, in place, the codes of weight `name` so that each entry reads codebook position
+    `positions` (shaped like the weight; each within the codebook row it read before). Checked by
+    decoding: False, with nothing changed, where the result would read anything else."""
+    layout = _code_layout(model, name)
+    if layout is None:
+        return False
+    codes, bits, restore = layout
+    before = codes.SerializeToString()
+    moved = np.transpose(positions, np.argsort(restore)) if restore is not None else positions
+    local = (moved.reshape(-1) % (1 << bits)).astype(np.uint8)
+    padded = np.zeros(-(-local.size // 8) * 8, np.uint8)
+    padded[:local.size] = local
+    packed = pack_codes(padded, bits)
+    codes.CopyFrom(numpy_helper.from_array(packed.reshape(-1, bits) if bits < 8 else packed, codes.name))
+    found = decoder_of(model, name)
+    if found is None or not np.array_equal(codebook_positions(model, name, *found), positions):
+        codes.ParseFromString(before)
+        return False
+    return True
+
+
+def _code_layout(model: onnx.ModelProto, name: str):
+    """(the codes initializer, bits per code, the restoring Transpose's perm or None) of a clustered weight."""
+    found = decoder_of(model, name)
+    if found is None or any(n.op_type == "Gather" and n.output[0].endswith("__pieces") for n in found[0]):
+        return None
+    constants = {t.name: t for t in model.graph.initializer}
+    stored = [constants[i] for n in found[0] for i in n.input if i in constants and i.startswith(f"{name}__codes")]
+    if len(stored) != 1 or stored[0].data_type != TensorProto.UINT8:
+        return None
+    codes = stored[0]
+    bits = int(codes.dims[1]) if len(codes.dims) == 2 else 8
+    last = found[0][-1]
+    restore = list(attribute(last, "perm")) if last.op_type == "Transpose" else None
+    return codes, bits, restore
+
+
 def codebook_positions(model: onnx.ModelProto, name: str, decoder: list[onnx.NodeProto],
                        codebook: onnx.TensorProto) -> np.ndarray:
     """The codebook position every entry of weight `name` reads, shaped like the weight, from its

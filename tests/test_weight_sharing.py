@@ -413,3 +413,26 @@ def test_minilm_group_codebooks_with_refit_keep_embeddings_closer(minilm_path):
                                      calibration=calibration, samples=2)
         cosines[extra] = float(np.mean(np.sum(reference * sentence_embeddings(result.model, held_out), axis=1)))
     assert cosines[",group=128,refit=1"] > max(0.985, cosines[""] + 0.001), cosines
+
+
+@pytest.mark.parametrize("op, scope", [("MatMul", "tensor"), ("Gemm", "channel")])
+def test_recode_rewrites_the_codes_and_refuses_what_would_decode_otherwise(op, scope):
+    """reconstruct's network refit moves weights between the values of their own codebook row."""
+    from onnxshrink.passes.weight_sharing import code_rows, recode, shared_weight
+
+    rng = np.random.default_rng(11)
+    weight = rng.standard_normal((24, 40) if op == "Gemm" else (40, 24)).astype(np.float32)
+    model = onnxshrink.compress(layer_model(weight, op), f"cluster(bits=3,scope={scope},method=kmeans,"
+                                                         f"min_elements=16)", samples=1).model
+    codebook, positions = shared_weight(model, "w")
+    size = code_rows(model, "w")
+    assert size == 8
+    moved = positions - positions % size + (positions + 3) % size  # every code changes, each in its own row
+    assert recode(model, "w", moved)
+    assert np.array_equal(shared_weight(model, "w")[1], moved)
+    values = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == codebook)).reshape(-1)
+    np.testing.assert_array_equal(rebuilt_weight(model), values[moved])
+    stored = model.SerializeToString()
+    outside = moved.copy()
+    outside.flat[0] += size  # in another row, or past the codebook: not a code of this entry
+    assert not recode(model, "w", outside) and model.SerializeToString() == stored
