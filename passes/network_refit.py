@@ -25,7 +25,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.graph import attribute
+from onnxshrink.graph import attribute, subgraphs
 from onnxshrink.pass_base import Note
 
 MIXUP = 1  # mixed pairs per sample per step (3 fit the digits MLP no better on held-out samples, 1.4x slower)
@@ -165,6 +165,8 @@ def _program(model: onnx.ModelProto, sample: dict) -> _Program:
     live = set(inputs)
     nodes, constant_reads = [], set()
     for node in graph.node:
+        if next(subgraphs(node), None) is not None:  # an If or Loop may read the inputs through its body
+            raise _Unsupported(f"{node.op_type} (a subgraph) at {_where(node)}")
         if not any(i in live for i in node.input):
             continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS or len(node.output) != 1:

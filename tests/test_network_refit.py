@@ -211,3 +211,21 @@ def test_codes_are_all_kept_when_one_weight_cannot_be_recoded(monkeypatch):
                                      calibration=feeds, samples=1)
     for name in ("w1", "w2"):  # the first weight's rewritten codes were put back
         np.testing.assert_array_equal(_decoded(result.model, name, "x", 16), _decoded(layer_wise.model, name, "x", 16))
+
+
+def test_a_subgraph_that_reads_the_layers_through_its_body_is_declined():
+    w = numpy_helper.from_array(RNG.standard_normal((6, 32)).astype(np.float32), "w")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    branch = lambda op, out: helper.make_graph([helper.make_node(op, ["h"], [out])], out, [],  # noqa: E731
+                                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+         helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch("Relu", "a"),
+                          else_branch=branch("Neg", "b"))],
+        "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 32])], [w, cond]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": RNG.standard_normal((64, 6)).astype(np.float32)}]
+    notes = _refit_notes(model, "prune(sparsity=0.5,min_elements=1),reconstruct", feeds)
+    assert notes == ["network refit skipped: it does not differentiate If (a subgraph) at branch; layer-wise fit "
+                     "kept"], notes
