@@ -250,7 +250,8 @@ def _symbols(data: np.ndarray, bits: int) -> np.ndarray:
 
 def _unplanes(blob: bytes, codec) -> bytes:
     _, bits, symbol, length, plane_size, plane_codec, rest_codec = codec
-    if bits not in (4, 8) or not 0 <= symbol < (1 << bits) or not 0 <= plane_size <= len(blob) or length < 0:
+    if bits not in (4, 8) or not 0 <= symbol < (1 << bits) or not 0 <= plane_size <= len(blob) or length < 0 \
+            or "planes" in (plane_codec[0], rest_codec[0]):  # planes are coded by zstd or LZMA, never nested
         raise ValueError(f"unknown stream codec {codec!r}")
     count = length * 8 // bits
     differs = np.unpackbits(np.frombuffer(_decode(blob[:plane_size], plane_codec), np.uint8))[:count].astype(bool)

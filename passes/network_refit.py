@@ -4,9 +4,11 @@ Layer-wise least squares fits each layer to its own original outputs, so it cann
 that only a later layer could absorb: at 90% sparsity the digits MLP keeps 2-3 points of accuracy
 lost after it. This is the fine-tuning step of Deep Compression, done on the graph: gradient
 descent (Adam) on the same unknowns the layer-wise fit has (the nonzero weights, or the codebook
-values of a clustered weight, and the biases; zeros and codes stay), so that the model's outputs
-match the original model's on the calibration inputs and on mixtures of pairs of them (mixup;
-the original model labels any input, so the fit sees more than the few hundred samples it has).
+values of a clustered weight, and the biases; zeros stay), so that the model's outputs match the
+original model's on the calibration inputs and on mixtures of pairs of them (mixup; the original
+model labels any input, so the fit sees more than the few hundred samples it has). A clustered
+weight's codes may change too: each nonzero weight keeps a value of its own that snaps to a value
+of its codebook (see _Unknown), charged for the code length pack will spend on it.
 
 It runs where every op between the inputs and the outputs is one it differentiates (MLPs:
 Gemm, MatMul, element-wise arithmetic, the usual activations, Softmax, Reshape/Flatten) and the

@@ -77,7 +77,7 @@ def test_a_corrupt_planes_codec_is_refused():
     codec, coded = onnxz._encode_codes(blob, onnxz.LEVEL)
     assert codec[0] == "planes"
     for bad in ([*codec[:1], 5, *codec[2:]], [*codec[:2], 300, *codec[3:]], [*codec[:4], len(coded) + 1, *codec[5:]],
-                [*codec[:3], codec[3] + 100, *codec[4:]]):
+                [*codec[:3], codec[3] + 100, *codec[4:]], [*codec[:5], codec, codec[6]]):
         with pytest.raises(ValueError):
             onnxz._decode(coded, bad)
 
