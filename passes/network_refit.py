@@ -445,16 +445,19 @@ def _train(program, unknowns, start, samples, rows, targets, steps, schedule, ra
     second = [np.zeros_like(v) for v in values]
     checks = [(0, error(values, False), None)] if error is not None else []  # step 0: the codes as stored
     every = max(1, schedule // _CHECKS)
+    real = {name: x[rows] for name, x in samples.items()}
+    real_targets = targets(real)  # the rows themselves are the same every step; only the mixtures are new
     for step in range(1, steps + 1):
         decay = 0.5 * (1 + np.cos(np.pi * step / (schedule + 1)))  # cosine: settles as the schedule ends
         base = np.tile(rows, MIXUP)
         other = rng.choice(rows, size=base.size)
         mix = rng.uniform(0, 1, size=base.size)
-        batch = {}
+        mixed = {}
         for name, x in samples.items():
             lam = mix.reshape((-1,) + (1,) * (x.ndim - 1))
-            batch[name] = np.concatenate([x[rows], lam * x[base] + (1 - lam) * x[other]])
-        wanted = targets(batch)
+            mixed[name] = lam * x[base] + (1 - lam) * x[other]
+        batch = {name: np.concatenate([real[name], mixed[name]]) for name in samples}
+        wanted = {n: np.concatenate([real_targets[n], t]) for n, t in targets(mixed).items()}
         env = program.forward(batch, _expanded(unknowns, values))
         output_grads = {n: (2 / max(float(np.sum(t * t, dtype=np.float64)), 1e-30)) * (env[n] - t)
                         for n, t in wanted.items()}
