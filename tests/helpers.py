@@ -47,6 +47,21 @@ def if_model() -> onnx.ModelProto:
     return model
 
 
+def tensor_value(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """Tensor `name` as onnxruntime computes it (a clustered weight's decoder output, say), read as a
+    graph output on zero float inputs."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))  # ORT needs no shape
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {i.name: np.zeros([d.dim_value or 1 for d in i.type.tensor_type.shape.dim], np.float32)
+            for i in probe.graph.input}
+    return session.run(None, feed)[0]
+
+
 def run(model: onnx.ModelProto, feed: dict) -> list:
     import onnxruntime as ort
 

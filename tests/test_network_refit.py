@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
 from onnxshrink.passes import network_refit
-from helpers import run
+from helpers import run, tensor_value
 
 RNG = np.random.default_rng(0)
 
@@ -66,9 +66,25 @@ def test_gradients_match_finite_differences():
         np.testing.assert_allclose(grads[name], numeric, rtol=1e-5, atol=1e-8, err_msg=name)
 
 
-def _refit_notes(model, spec, calibration):
-    result = onnxshrink.compress(model, spec, calibration=calibration, samples=1)
+def _network_notes(result) -> list[str]:
+    """The notes of the last pass about the graph as a whole: the network refit's."""
     return [n.message for n in result.report.passes[-1].notes if n.where == "(graph)"]
+
+
+def _refit_notes(model, spec, calibration):
+    return _network_notes(onnxshrink.compress(model, spec, calibration=calibration, samples=1))
+
+
+def _two_layer_mlp(inputs: int, hidden: int, outputs: int, opset: int) -> onnx.ModelProto:
+    """x[b, inputs] -> MatMul -> Relu -> MatMul -> y[b, outputs], random weights."""
+    w1 = numpy_helper.from_array(RNG.standard_normal((inputs, hidden)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(RNG.standard_normal((hidden, outputs)).astype(np.float32), "w2")
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, outputs])], [w1, w2]),
+        opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_it_declines_ops_it_does_not_differentiate_and_synthesized_data():
@@ -117,10 +133,6 @@ def _digits_runs(digits_mlp_path, specs: dict) -> dict:
     return found
 
 
-def _network_notes(result) -> list[str]:
-    return [n.message for n in result.report.passes[-1].notes if n.where == "(graph)"]
-
-
 def test_digits_mlp_network_refit_wins_back_accuracy(digits_mlp_path):
     """Measured on rows 300..539 with these 300 calibration rows: 0.9917 vs 0.9750 layer-wise only
     (fp32 0.9917); floor: 2 rows under what was measured."""
@@ -150,32 +162,15 @@ def test_digits_mlp_deep_compression_pipeline_codes_change_and_cost_bits(digits_
     assert packed <= os.path.getsize(digits_mlp_path) / 29.5, packed  # measured 30.6x smaller
     clustered = _digits_runs(digits_mlp_path, {"c": "prune(sparsity=0.9,method=obs),cluster(bits=4)"})["c"][1].model
     for name in ("fc1.weight", "fc2.weight", "fc3.weight"):  # zeros stay, 16 values at most
-        before, after = (_decoded(m, name) for m in (clustered, result.model))
+        before, after = (tensor_value(m, name) for m in (clustered, result.model))
         assert np.array_equal(before == 0, after == 0) and len(np.unique(after)) <= 16, name
-
-
-def _decoded(model, name: str, feed: str = "input", width: int = 64) -> np.ndarray:
-    from onnxshrink.runtime import make_session
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return make_session(probe, threads=1).run(None, {feed: np.zeros((1, width), np.float32)})[0]
 
 
 def test_a_program_that_differs_from_onnxruntime_is_not_trained(monkeypatch):
     """The safety net under every op: the program is run against onnxruntime before training."""
     wrong_relu = (lambda x, node: x[0], network_refit._OPS["Relu"][1])  # Relu computed as Identity
     monkeypatch.setitem(network_refit._OPS, "Relu", wrong_relu)
-    w1 = numpy_helper.from_array(RNG.standard_normal((6, 16)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(RNG.standard_normal((16, 3)).astype(np.float32), "w2")
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
-        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])], [w1, w2]),
-        opset_imports=[helper.make_opsetid("", 13)])
+    model = _two_layer_mlp(6, 16, 3, opset=13)
     feeds = [{"x": RNG.standard_normal((64, 6)).astype(np.float32)}]
     notes = _refit_notes(model, "prune(sparsity=0.5,min_elements=1),reconstruct", feeds)
     assert notes == ["network refit skipped: its numpy program does not reproduce output 'y' as onnxruntime "
@@ -185,14 +180,7 @@ def test_a_program_that_differs_from_onnxruntime_is_not_trained(monkeypatch):
 def test_codes_are_all_kept_when_one_weight_cannot_be_recoded(monkeypatch):
     from onnxshrink.passes import weight_sharing
 
-    w1 = numpy_helper.from_array(RNG.standard_normal((16, 64)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(RNG.standard_normal((64, 8)).astype(np.float32), "w2")
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
-        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])], [w1, w2]),
-        opset_imports=[helper.make_opsetid("", 17)])
+    model = _two_layer_mlp(16, 64, 8, opset=17)
     feeds = [{"x": RNG.standard_normal((256, 16)).astype(np.float32)}]
     spec = "cluster(bits=2,method=kmeans,min_elements=16),reconstruct"
     calls = []
@@ -210,7 +198,7 @@ def test_codes_are_all_kept_when_one_weight_cannot_be_recoded(monkeypatch):
     layer_wise = onnxshrink.compress(model, spec.replace("reconstruct", "reconstruct(network=off)"),
                                      calibration=feeds, samples=1)
     for name in ("w1", "w2"):  # the first weight's rewritten codes were put back
-        np.testing.assert_array_equal(_decoded(result.model, name, "x", 16), _decoded(layer_wise.model, name, "x", 16))
+        np.testing.assert_array_equal(tensor_value(result.model, name), tensor_value(layer_wise.model, name))
 
 
 def test_a_subgraph_that_reads_the_layers_through_its_body_is_declined():

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
-from helpers import class_score_cosines, run, sentence_embeddings, smooth_images
+from helpers import class_score_cosines, run, sentence_embeddings, smooth_images, tensor_value
 from onnxshrink.errors import UsageError
 
 
@@ -29,15 +29,8 @@ def layer_model(weight: np.ndarray, op: str = "MatMul", opset: int = 17) -> onnx
 
 
 def rebuilt_weight(model: onnx.ModelProto) -> np.ndarray:
-    """The weight as onnxruntime rebuilds it: the decoder's output, read as a graph output."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, None))  # ORT needs no shape
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    feed = {i.name: np.zeros([d.dim_value or 1 for d in i.type.tensor_type.shape.dim], np.float32)
-            for i in probe.graph.input}
-    return session.run(None, feed)[0]
+    """The weight as onnxruntime rebuilds it: the decoder's output."""
+    return tensor_value(model, "w")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
