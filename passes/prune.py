@@ -178,10 +178,8 @@ class Prune(Pass):
         for layer in layers:
             if not (obs and layer.supports_obs):
                 matrix = _without(layer.matrix(weights), unread.get(layer.weight))
-                pruned = _magnitude(matrix, targets[layer.weight], n_m)
-                layer.store(weights, pruned)
                 why = " (obs needs a MatMul/Gemm or a Conv of group 1 or depthwise)" if obs else ""
-                done[layer.weight] = "magnitude" + why + _zeros(pruned)
+                done[layer.weight] = "magnitude" + why + _store_magnitude(layer, weights, matrix, targets, n_m)
         if obs:
             done |= self._obs(model, original, [l for l in layers if l.supports_obs], targets, n_m, context, unread)
         return done
@@ -197,9 +195,8 @@ class Prune(Pass):
                 stages.setdefault(layer.node.input[0], []).append(layer)
             else:
                 matrix = _without(layer.matrix(weights), unread.get(layer.weight))
-                pruned = _magnitude(matrix, targets[layer.weight], n_m)
-                layer.store(weights, pruned)
-                done[layer.weight] = "magnitude (obs: the layer input is a constant)" + _zeros(pruned)
+                done[layer.weight] = "magnitude (obs: the layer input is a constant)" + \
+                    _store_magnitude(layer, weights, matrix, targets, n_m)
         convs = {source: [l for l in group if l.node.op_type == "Conv"] for source, group in stages.items()}
         stages = {source: [l for l in group if l.node.op_type != "Conv"] for source, group in stages.items()}
         sizes = {source: group[0].matrix(weights).shape[0] for source, group in stages.items() if group}
@@ -247,13 +244,10 @@ class Prune(Pass):
         be unfolded. `unread` output channels are zeroed first."""
         matrix = _without(layer.matrix(weights), unread)
         if gram is None or len(weights[layer.weight].dims) != 4:
-            pruned = _magnitude(matrix, targets[layer.weight], n_m)
-            layer.store(weights, pruned)
-            return "magnitude (obs: the Conv input could not be unfolded into patches)" + _zeros(pruned)
+            return "magnitude (obs: the Conv input could not be unfolded into patches)" + \
+                _store_magnitude(layer, weights, matrix, targets, n_m)
         if gram.ndim == 3 and n_m:  # sparsegpt_columns chooses zeros over the whole layer, not per group
-            pruned = _magnitude(matrix, targets[layer.weight], n_m)
-            layer.store(weights, pruned)
-            return "magnitude (obs: N:M on a depthwise Conv)" + _zeros(pruned)
+            return "magnitude (obs: N:M on a depthwise Conv)" + _store_magnitude(layer, weights, matrix, targets, n_m)
         if gram.ndim == 3:  # depthwise: output o reads input channel o // (outputs per channel)
             per_channel = matrix.shape[1] // gram.shape[0]
             hessians = gram[np.arange(matrix.shape[1]) // per_channel]
@@ -358,6 +352,14 @@ class Layer:
 
 def _zeros(pruned: np.ndarray) -> str:
     return f": {np.mean(pruned == 0):.1%} zeros of {pruned.size:,} weights"
+
+
+def _store_magnitude(layer: "Layer", weights: dict, matrix: np.ndarray, targets: dict, n_m) -> str:
+    """Magnitude-prune `matrix` (the layer's weights as it will store them) to the layer's target and
+    store it; the note on its zeros."""
+    pruned = _magnitude(matrix, targets[layer.weight], n_m)
+    layer.store(weights, pruned)
+    return _zeros(pruned)
 
 
 def _without(matrix: np.ndarray, outputs: np.ndarray | None) -> np.ndarray:
