@@ -90,6 +90,33 @@ def outer_scope_names(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+def tensor_reads(graph: onnx.GraphProto) -> Counter:
+    """How often each tensor is read: node inputs in the graph and its subgraphs, and graph outputs."""
+    counts = Counter(name for g in walk_graphs(graph) for node in g.node for name in node.input if name)
+    counts.update(o.name for o in graph.output)
+    return counts
+
+
+def layer_bias(graph: onnx.GraphProto, node: onnx.NodeProto, initializers: dict, reads: Counter) -> str | None:
+    """The 1-D initializer added, unscaled, to each output channel of `node` and read by nothing else:
+    Gemm's C (beta 1), Conv's or ConvTranspose's B, or else the initializer operand of the Add that
+    alone reads a MatMul's (or a Gemm's) result. None where there is no such tensor. `reads` is tensor_reads(graph)."""
+    if node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
+        if node.op_type == "Gemm" and attribute(node, "beta", 1.0) != 1.0:
+            return None
+        name = node.input[2]
+    elif node.op_type in ("MatMul", "Gemm") and reads[node.output[0]] == 1:
+        add = next((n for n in graph.node if node.output[0] in n.input), None)
+        operands = list(add.input) if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx") else []
+        name = next((i for i in operands if i != node.output[0] and i in initializers), "")
+    else:
+        return None
+    tensor = initializers.get(name)
+    if tensor is None or reads[name] != 1 or len(tensor.dims) != 1:
+        return None
+    return name
+
+
 def unique_name(base: str, taken: set[str]) -> str:
     name, k = base, 0
     while name in taken:

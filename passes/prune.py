@@ -56,7 +56,7 @@ from onnx import TensorProto, numpy_helper
 from onnxshrink.activations import (Gram, conv_input_grams, main_graph_tensors, patch_kind, stream_tensors,
                                    upstream_model)
 from onnxshrink.errors import OnnxShrinkError, UsageError
-from onnxshrink.graph import attribute, constants_to_initializers, outer_scope_names, subgraphs
+from onnxshrink.graph import attribute, constants_to_initializers, layer_bias, tensor_reads
 from onnxshrink.io import load
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
@@ -188,7 +188,7 @@ class Prune(Pass):
         """SparseGPT on `layers`, grouped by input tensor, in graph order; weight name -> what was done."""
         opts = self.options
         weights = {t.name: t for t in model.graph.initializer}
-        tappable, uses = main_graph_tensors(model), _uses(model.graph)
+        tappable, reads = main_graph_tensors(model), tensor_reads(model.graph)
         done, stages = {}, {}
         for layer in layers:
             if layer.node.input[0] in tappable:
@@ -218,7 +218,7 @@ class Prune(Pass):
             cross = inner if cross is None else cross  # one pass: the inputs are the original ones
             for layer in group:
                 matrix = layer.matrix(weights)
-                bias = _bias(layer.node, matrix.shape[1], weights, uses) if opts.target == "original" else None
+                bias = _bias(model.graph, layer.node, matrix.shape[1], weights, reads) if opts.target == "original" else None
                 bias_values = numpy_helper.to_array(weights[bias]).astype(np.float64) if bias else None
                 goal = _refit(matrix, bias_values, inner, cross, opts.ridge) if original is not None else matrix
                 goal = _without(goal, unread.get(layer.weight))
@@ -505,32 +505,14 @@ def _matched_bias(matrix, bias, pruned, inner, cross) -> np.ndarray:
     return bias + (cross[k, :k] @ matrix - inner[k, :k] @ pruned) / count
 
 
-def _bias(node, outputs: int, weights, uses) -> str | None:
-    """The float bias [outputs] added to `node`'s result (Gemm's C, or the initializer of the one
-    Add reading a MatMul's output) when nothing else reads it, else None."""
-    if node.op_type == "Gemm":
-        if attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0:
-            return None
-        name = node.input[2] if len(node.input) > 2 else ""
-    else:
-        readers = uses.get(node.output[0], [])
-        add = readers[0] if len(readers) == 1 and readers[0].op_type == "Add" else None
-        name = next((i for i in add.input if i in weights), "") if add is not None else ""
-    tensor = weights.get(name)
-    if tensor is None or len(uses.get(name, [])) != 1 or tensor.data_type != TensorProto.FLOAT \
-            or tuple(tensor.dims) != (outputs,):
+def _bias(graph, node, outputs: int, weights, reads) -> str | None:
+    """The layer's own float bias [outputs] (graph.layer_bias), where its weight is unscaled (Gemm alpha 1)."""
+    if node.op_type == "Gemm" and attribute(node, "alpha", 1.0) != 1.0:
+        return None
+    name = layer_bias(graph, node, weights, reads)
+    if name is None or weights[name].data_type != TensorProto.FLOAT or tuple(weights[name].dims) != (outputs,):
         return None
     return name
-
-
-def _uses(graph) -> dict[str, list]:
-    """tensor name -> the main-graph nodes that read it (a subgraph's outer-scope reads count for its node)."""
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        names = set(node.input).union(*(outer_scope_names(sub) for sub in subgraphs(node)))
-        for name in names - {""}:
-            readers.setdefault(name, []).append(node)
-    return readers
 
 
 def _input_grams(model, original, sizes: dict[str, int], max_samples: int, context: PassContext) -> dict:

@@ -37,8 +37,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxshrink.errors import UsageError
-from onnxshrink.graph import (all_names, attribute, constants_to_initializers, model_stats, opset_version,
-                              outer_scope_names, subgraphs, unique_name, walk_graphs)
+from onnxshrink.graph import (all_names, attribute, constants_to_initializers, layer_bias, model_stats, opset_version,
+                              outer_scope_names, subgraphs, tensor_reads, unique_name)
 from onnxshrink.pass_base import Note
 
 CRITERIA = ("l1", "l2", "bn-scale")
@@ -169,7 +169,7 @@ def unread_outputs(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> dic
     flow.follow()
     roots = flow.roots()
     frozen = {int(roots[i]) for i in flow.frozen}
-    uses = _readers(model.graph)
+    uses = tensor_reads(model.graph)
     arrays = {layer.node.input[1]: flow.array(layer.node.input[1]).copy() for layer in flow.layers}
     readers = []  # (layer, its input axis) for the layers whose input channels the flow knows
     for layer in flow.layers:
@@ -205,7 +205,7 @@ def zero_unread_outputs(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -
     the zeros cost next to nothing once stored sparse or packed. A note per layer that changed."""
     masks = unread_outputs(model, exclude)
     initializers = {t.name: t for t in model.graph.initializer}
-    uses = _readers(model.graph)
+    uses = tensor_reads(model.graph)
     notes = []
     for node in model.graph.node:
         name = node.input[1] if len(node.input) > 1 else None
@@ -226,16 +226,10 @@ def zero_unread_outputs(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -
     return notes
 
 
-def _zero_bias(graph, node, mask: np.ndarray, initializers: dict, uses: dict) -> int:
-    """Zero the bias entries of the channels in `mask` (Gemm's C, Conv's B, or the 1-D constant of the
-    one Add a MatMul feeds), where the bias is a 1-D initializer of this layer alone; how many changed."""
-    if node.op_type in ("Gemm", "Conv", "ConvTranspose"):
-        name = node.input[2] if len(node.input) > 2 else ""
-    else:
-        readers = [n for n in graph.node if node.output[0] in n.input]
-        add = readers[0] if len(readers) == 1 and readers[0].op_type == "Add" else None
-        name = next((i for i in add.input if i in initializers), "") if add is not None else ""
-    if name not in initializers or uses.get(name, 0) != 1 or list(initializers[name].dims) != [len(mask)]:
+def _zero_bias(graph, node, mask: np.ndarray, initializers: dict, reads: Counter) -> int:
+    """Zero the entries of the layer's own bias (graph.layer_bias) for the channels in `mask`; how many changed."""
+    name = layer_bias(graph, node, initializers, reads)
+    if name is None or initializers[name].dims[0] != len(mask):
         return 0
     bias = numpy_helper.to_array(initializers[name]).copy()
     count = int((bias[mask] != 0).sum())
@@ -671,7 +665,7 @@ def set_split_sizes(graph: onnx.GraphProto, index: int, sizes: list[int], opset:
 def write_constants(graph: onnx.GraphProto, values: dict[tuple[int, int], np.ndarray], taken: set[str]) -> None:
     """Give each (node, input) its new constant: in place where that input is the constant's only
     reader, else as a copy under a new name (identical copies shared), dropping originals left unread."""
-    readers = _readers(graph)
+    readers = tensor_reads(graph)
     initializers = {t.name: t for t in graph.initializer}
     copies: dict[tuple, str] = {}
     replaced: set[str] = set()
@@ -687,7 +681,7 @@ def write_constants(graph: onnx.GraphProto, values: dict[tuple[int, int], np.nda
             graph.initializer.append(numpy_helper.from_array(array, copies[key]))
         node.input[slot] = copies[key]
         replaced.add(name)
-    still_read = _readers(graph)
+    still_read = tensor_reads(graph)
     for tensor in [t for t in graph.initializer if t.name in replaced and not still_read[t.name]]:
         graph.initializer.remove(tensor)
 
@@ -701,13 +695,6 @@ def layer_notes(flow: ChannelFlow, kept) -> list[Note]:
         suffix = f" ({frozen} frozen)" if frozen else ""
         notes.append(Note(layer.name, f"output channels {len(layer.ids)} -> {left}{suffix}"))
     return notes
-
-
-def _readers(graph: onnx.GraphProto) -> Counter:
-    """How many node inputs (subgraphs included) and graph outputs name each tensor."""
-    counts = Counter(name for g in walk_graphs(graph) for node in g.node for name in node.input if name)
-    counts.update(o.name for o in graph.output)
-    return counts
 
 
 def _declared_ranks(model: onnx.ModelProto) -> dict[str, int]:

@@ -62,8 +62,8 @@ from onnx import TensorProto, numpy_helper
 
 from onnxshrink.activations import Gram, main_graph_tensors, stream_tensors, upstream_model
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.graph import all_names, attribute, constant_tensors, constants_to_initializers, \
-    outer_scope_names, subgraphs, unique_name
+from onnxshrink.graph import all_names, attribute, constant_tensors, constants_to_initializers, layer_bias, \
+    outer_scope_names, subgraphs, tensor_reads, unique_name
 from onnxshrink.options import PassOptions, option
 from onnxshrink.pass_base import Note, Pass, PassContext, PassOutput
 from onnxshrink.registry import register_pass
@@ -636,7 +636,7 @@ def _changed_layers(model, reference, max_positions: int) -> tuple[list, list[No
     original_values = {t.name: t for t in constant_tensors(reference.graph)}
     weights = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
     tappable, original_tappable = main_graph_tensors(model), main_graph_tensors(reference)
-    uses = _uses(model.graph)
+    uses = tensor_reads(model.graph)
     kept = None  # channel correspondence, recovered only if some layer lost channels
     layers, notes = [], []
     for node in model.graph.node:
@@ -700,7 +700,7 @@ def _changed_layers(model, reference, max_positions: int) -> tuple[list, list[No
                                     Geometry.of(node, stored.shape[2:]), max_positions))
             continue
         matrix = (before.T if transposed else before).astype(np.float64)[:, channels]
-        bias, original_bias = _bias(node, model, reference, weights, original_values, uses, channels)
+        bias, original_bias = _bias(node, model, weights, original_values, uses, channels)
         layers.append(Dense(node, name, bias, original.input[0], matrix, original_bias, transposed,
                             stored.shape[1 if transposed else 0]))
     return layers, notes
@@ -730,21 +730,16 @@ def _shared_layer(node, original, model, reference, weights, original_values, us
         notes.append(Note(where, f"not refit: more than {_MAX_SHARED_VALUES} values shared across output columns"))
         return None
     channels = np.arange(before.shape[0 if transposed else 1])
-    bias, original_bias = _bias(node, model, reference, weights, original_values, uses, channels)
+    bias, original_bias = _bias(node, model, weights, original_values, uses, channels)
     matrix = (before.T if transposed else before).astype(np.float64)
     return SharedDense(node, name, bias, original.input[0], matrix, original_bias, transposed, matrix.shape[0],
                        codebook=codebook, positions=positions.T if transposed else positions)
 
 
-def _bias(node, model, reference, weights, original_values, uses, channels):
-    """The layer's 1-D bias (Gemm's C, or the constant of the Add a MatMul feeds), if it is refittable."""
-    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-        name = node.input[2]
-    else:
-        readers = [n for n in model.graph.node if node.output[0] in n.input]
-        add = readers[0] if len(readers) == 1 and readers[0].op_type == "Add" else None
-        name = next((i for i in add.input if i in weights), None) if add is not None else None
-    if name is None or name not in original_values or uses.get(name, 0) != 1 or len(weights[name].dims) != 1:
+def _bias(node, model, weights, original_values, reads, channels):
+    """The layer's own bias (graph.layer_bias) and its original values for the kept channels, if it is refittable."""
+    name = layer_bias(model.graph, node, weights, reads)
+    if name is None or name not in original_values:
         return None, None
     original = numpy_helper.to_array(original_values[name]).astype(np.float64).reshape(-1)
     if original.size == 1 or weights[name].dims[0] != len(channels):
@@ -799,11 +794,3 @@ def _observe(model, reference, stage, context, max_samples: int) -> None:
             for sums in pool.values():
                 sums.add(values, sample)
             sample += 1
-
-
-def _uses(graph) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            counts[name] = counts.get(name, 0) + 1
-    return counts
