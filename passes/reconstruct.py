@@ -89,10 +89,12 @@ class Reconstruct(Pass):
         max_positions: int = option(1024, "Conv: output positions per image that enter the fit, drawn at random "
                                           "where a map has more; 0 takes them all", low=0)
         network: str = option("auto", "auto: then refine the refit layers together against the model's outputs by "
-                                      "gradient descent, where every op on the way is one it differentiates (MLPs) "
-                                      "and held-out samples confirm the gain; off: layer by layer only",
+                                      "gradient descent, where every op on the way is one it differentiates (MLPs, "
+                                      "transformer encoders; not Conv) and held-out samples confirm the gain; off: "
+                                      "layer by layer only",
                               choices=("auto", "off"))
-        steps: int = option(2000, "network refit: most gradient steps (held-out samples choose how many)", low=1)
+        steps: int = option(2000, "network refit: most gradient steps (held-out samples choose how many); a large "
+                                     "model may need fewer to fit the work limit (its note says how many)", low=1)
         rate: float = option(0.03, "network refit: Adam step, relative to each tensor's RMS value", low=0)
         code_bits: float = option(0.01, "network refit of clustered weights: what a bit of code length costs when a "
                                         "weight is snapped to a codebook value, as a fraction of the mean square "
