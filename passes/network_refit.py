@@ -17,11 +17,11 @@ Reshape/Transpose/Gather/Concat/Slice, Shape/Range/...; not Conv) and the calibr
 elsewhere it leaves the layer-wise fit as it is, with a note naming what stopped it. Token inputs
 (integers that index an embedding table) cannot be mixed: a step trains on its rows with 15% of
 their real positions drawn at random from the table instead (_Swap), and the held-out rows are
-varied the same way; positions an `attention_mask` marks as padding do not count in the error. A step trains on all its rows while that is cheap, on a
-random batch of them for a large model (_STEP_WORK). The number of steps is chosen on held-out
-data: it trains on the even samples and scores the odd ones as it goes, then trains on all samples
-for the best number of steps, and keeps the layer-wise fit where no step count beat it on the
-held-out half.
+varied the same way; positions an `attention_mask` marks as padding do not count in the error.
+A step trains on all its rows while that is cheap, on a random batch of them for a large model
+(_STEP_WORK). The number of steps is chosen on held-out data: it trains on the even samples and
+scores the odd ones as it goes, then trains on all samples for the best number of steps, and
+keeps the layer-wise fit where no step count beat it on the held-out half.
 """
 
 from __future__ import annotations
@@ -560,11 +560,8 @@ def refine(model: onnx.ModelProto, reference: onnx.ModelProto, layers: list, wei
         total = 0.0
         for n, t in held_targets.items():
             weight = _real_positions(held_batch, t)
-            if weight is None:
-                total += float(np.sum((env[n] - t) ** 2, dtype=np.float64) / max(np.sum(t * t, dtype=np.float64), 1e-30))
-            else:
-                total += float(np.sum(weight * (env[n] - t) ** 2, dtype=np.float64)
-                               / max(np.sum(weight * t * t, dtype=np.float64), 1e-30))
+            total += float(np.sum(weight * (env[n] - t) ** 2, dtype=np.float64)
+                           / max(np.sum(weight * t * t, dtype=np.float64), 1e-30))
         return total
 
     before = error(start, snap=False)
@@ -633,12 +630,12 @@ def _stack_feeds(feeds: list[dict], inputs: list[str]) -> dict:
     return stacked
 
 
-def _real_positions(batch: dict, output: np.ndarray) -> np.ndarray | None:
+def _real_positions(batch: dict, output: np.ndarray) -> np.ndarray | float:
     """Weights over an output's entries: 0 where the padding input marks its [batch, sequence] position
-    as padding (the original model's values there feed nothing), else None (every entry counts)."""
+    as padding (the original model's values there feed nothing), else 1 (the float: every entry counts)."""
     mask = batch.get(PADDING_INPUT)
     if mask is None or mask.ndim != 2 or output.shape[:2] != mask.shape:
-        return None
+        return 1.0
     return (mask != 0).reshape(mask.shape + (1,) * (output.ndim - 2)).astype(np.float32)
 
 
@@ -713,7 +710,8 @@ def _train(program, unknowns, start, samples, rows, targets, steps, schedule, ra
     checks = [(0, error(values, False), None)] if error is not None else []  # step 0: the codes as stored
     every = max(1, schedule // _CHECKS)
     real = {name: x[rows] for name, x in samples.items()}
-    real_targets = targets(real)  # the rows themselves are the same every step; only the augmented ones are new
+    # the rows themselves are the same every step (swapped tokens make new ones of them all)
+    real_targets = targets(real) if not isinstance(augment, _Swap) else {}
     for step in range(1, steps + 1):
         decay = 0.5 * (1 + np.cos(np.pi * step / (schedule + 1)))  # cosine: settles as the schedule ends
         chosen, batch, wanted = rows, real, real_targets
@@ -733,10 +731,7 @@ def _train(program, unknowns, start, samples, rows, targets, steps, schedule, ra
         output_grads = {}
         for n, t in wanted.items():
             weight = _real_positions(batch, t)
-            if weight is None:
-                output_grads[n] = (2 / max(float(np.sum(t * t, dtype=np.float64)), 1e-30)) * (env[n] - t)
-            else:
-                output_grads[n] = (2 / max(float(np.sum(weight * t * t, dtype=np.float64)), 1e-30)) * weight * (env[n] - t)
+            output_grads[n] = (2 / max(float(np.sum(weight * t * t, dtype=np.float64)), 1e-30)) * weight * (env[n] - t)
         grads = program.backward(env, output_grads, {u.read_as for u in unknowns})
         for i, unknown in enumerate(unknowns):
             grad = unknown.collect(grads[unknown.read_as].astype(np.float64)) if unknown.read_as in grads else 0.0

@@ -362,5 +362,5 @@ def test_padded_positions_do_not_count_in_the_output_error():
     mask = np.array([[1, 1, 0], [1, 0, 0]])
     weights = network_refit._real_positions({"attention_mask": mask}, np.zeros((2, 3, 4), np.float32))
     assert weights.shape == (2, 3, 1) and weights[:, :, 0].tolist() == mask.tolist()
-    assert network_refit._real_positions({"attention_mask": mask}, np.zeros((2, 4), np.float32)) is None  # pooled
-    assert network_refit._real_positions({"x": mask}, np.zeros((2, 3, 4), np.float32)) is None  # no mask input
+    assert network_refit._real_positions({"attention_mask": mask}, np.zeros((2, 4), np.float32)) == 1.0  # pooled
+    assert network_refit._real_positions({"x": mask}, np.zeros((2, 3, 4), np.float32)) == 1.0  # no mask input
