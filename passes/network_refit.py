@@ -529,7 +529,11 @@ def refine(model: onnx.ModelProto, reference: onnx.ModelProto, layers: list, wei
         (expected,) = run_all(current, [{k: v.astype(dtypes[k]) for k, v in probe.items()}])
     except OnnxShrinkError as exc:
         return [Note("(graph)", f"network refit skipped: the model does not run on a batch of samples ({exc})")]
-    computed = program.forward(probe, _expanded(unknowns, [u.values for u in unknowns], snap=False))
+    try:
+        computed = program.forward(probe, _expanded(unknowns, [u.values for u in unknowns], snap=False))
+    except (ValueError, IndexError, TypeError, ArithmeticError) as exc:  # numpy refuses what ORT ran
+        return [Note("(graph)", f"network refit skipped: its numpy program fails where onnxruntime runs "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")]
     per_row = program.multiply_adds(computed) / len(next(iter(probe.values())))
     batch_rows = int(max(8, _STEP_WORK // (6 * (1 + MIXUP) * max(per_row, 1))))  # rows a step trains on, at most
     # forward + backward over real and augmented rows, in the run on half the rows and the run on all

@@ -364,3 +364,15 @@ def test_padded_positions_do_not_count_in_the_output_error():
     assert weights.shape == (2, 3, 1) and weights[:, :, 0].tolist() == mask.tolist()
     assert network_refit._real_positions({"attention_mask": mask}, np.zeros((2, 4), np.float32)) == 1.0  # pooled
     assert network_refit._real_positions({"x": mask}, np.zeros((2, 3, 4), np.float32)) == 1.0  # no mask input
+
+
+def test_a_program_that_fails_in_numpy_is_declined_not_raised(monkeypatch):
+    def broken(x, node):
+        raise ValueError("cannot reshape array")
+
+    monkeypatch.setitem(network_refit._OPS, "Relu", (broken, network_refit._OPS["Relu"][1]))
+    model = _two_layer_mlp(6, 16, 3, opset=13)
+    feeds = [{"x": RNG.standard_normal((64, 6)).astype(np.float32)}]
+    notes = _refit_notes(model, "prune(sparsity=0.5,min_elements=1),reconstruct", feeds)
+    assert notes == ["network refit skipped: its numpy program fails where onnxruntime runs (ValueError: cannot "
+                     "reshape array)"], notes
