@@ -100,7 +100,8 @@ def tensor_reads(graph: onnx.GraphProto) -> Counter:
 def layer_bias(graph: onnx.GraphProto, node: onnx.NodeProto, initializers: dict, reads: Counter) -> str | None:
     """The 1-D initializer added, unscaled, to each output channel of `node` and read by nothing else:
     Gemm's C (beta 1), Conv's or ConvTranspose's B, or else the initializer operand of the Add that
-    alone reads a MatMul's (or a Gemm's) result. None where there is no such tensor. `reads` is tensor_reads(graph)."""
+    alone reads a MatMul's (or a Gemm's) result. None where there is no such tensor.
+    `reads` is tensor_reads(graph)."""
     if node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
         if node.op_type == "Gemm" and attribute(node, "beta", 1.0) != 1.0:
             return None

@@ -218,7 +218,8 @@ class Prune(Pass):
             cross = inner if cross is None else cross  # one pass: the inputs are the original ones
             for layer in group:
                 matrix = layer.matrix(weights)
-                bias = _bias(model.graph, layer.node, matrix.shape[1], weights, reads) if opts.target == "original" else None
+                bias = _bias(model.graph, layer.node, matrix.shape[1], weights, reads) \
+                    if opts.target == "original" else None
                 bias_values = numpy_helper.to_array(weights[bias]).astype(np.float64) if bias else None
                 goal = _refit(matrix, bias_values, inner, cross, opts.ridge) if original is not None else matrix
                 goal = _without(goal, unread.get(layer.weight))
