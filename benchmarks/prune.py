@@ -82,6 +82,7 @@ PLAN = {
     "minilm": [*unstructured((0.5,)), "prune(sparsity=0.5,method=obs),reconstruct(steps=300,rate=0.0025)",
                *unstructured((0.7, 0.8), reconstruct=False),
                "prune(pattern=2:4)", "prune(pattern=2:4,method=obs)",
+               "prune(pattern=2:4,method=obs),reconstruct(steps=300,rate=0.0025)",
                *onnxsim_rows(magnitude=(0.5,), sparsegpt=(0.5,), nm=True)],
     # All Conv: obs goes through the input patches (no refit); whole channels are what speed these up.
     "yolov8n": ["prune(sparsity=0.5)", "prune(sparsity=0.5,method=obs)", "prune(sparsity=0.5,method=obs),reconstruct",
