@@ -44,26 +44,32 @@ def test_the_program_computes_what_onnxruntime_computes():
     np.testing.assert_allclose(got, run(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
 
 
-def test_gradients_match_finite_differences():
-    model = every_op_model()
-    x = RNG.standard_normal((5, 6)).astype(np.float64)
-    program = network_refit._program(model, {"x": x.astype(np.float32)})
-    params = {name: program.constants.pop(name).astype(np.float64) for name in ("w1", "b1", "w2")}
+def assert_gradients_match(program, feed: dict, names, probes: dict, rtol: float, atol: float) -> None:
+    """The program's gradients of loss = sum over outputs of sum(probe * output) (so each output's
+    gradient is its probe) for the constants `names`, against central finite differences, in float64."""
+    params = {name: program.constants.pop(name).astype(np.float64) for name in names}
     program.constants = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in program.constants.items()}
-    probe = RNG.standard_normal((5, 5))  # loss = sum(probe * y): its gradient wrt y is probe
 
     def loss(values):
-        return float(np.sum(probe * program.forward({"x": x}, values)["y"]))
+        env = program.forward(feed, values)
+        return float(sum(np.sum(probe * env[name]) for name, probe in probes.items()))
 
-    env = program.forward({"x": x}, params)
-    grads = program.backward(env, {"y": probe}, set(params))
+    grads = program.backward(program.forward(feed, params), probes, set(params))
     for name, value in params.items():
         numeric = np.zeros_like(value)
         for index in np.ndindex(value.shape):
             step = np.zeros_like(value)
             step[index] = 1e-6
             numeric[index] = (loss({**params, name: value + step}) - loss({**params, name: value - step})) / 2e-6
-        np.testing.assert_allclose(grads[name], numeric, rtol=1e-5, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(grads[name], numeric, rtol=rtol, atol=atol, err_msg=name)
+
+
+def test_gradients_match_finite_differences():
+    model = every_op_model()
+    x = RNG.standard_normal((5, 6)).astype(np.float64)
+    program = network_refit._program(model, {"x": x.astype(np.float32)})
+    assert_gradients_match(program, {"x": x}, ("w1", "b1", "w2"), {"y": RNG.standard_normal((5, 5))},
+                           rtol=1e-5, atol=1e-8)
 
 
 def _network_notes(result) -> list[str]:
@@ -313,24 +319,10 @@ def test_encoder_gradients_match_finite_differences():
     model = tiny_encoder()
     feed = token_feeds(3, length=6)
     program = network_refit._program(model, feed)
-    layers = ("wq", "bq", "wk", "wv", "wo", "w1", "b1", "w2")
-    params = {name: program.constants.pop(name).astype(np.float64) for name in layers}
-    program.constants = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in program.constants.items()}
     probes = {name: RNG.standard_normal(shape) for name, shape in
               (("last_hidden_state", (3, 6, 8)), ("sentence_embedding", (3, 8)), ("cls_out", (3, 8)))}
-
-    def loss(values):
-        env = program.forward(feed, values)
-        return float(sum(np.sum(probe * env[name]) for name, probe in probes.items()))
-
-    grads = program.backward(program.forward(feed, params), probes, set(params))
-    for name, value in params.items():
-        numeric = np.zeros_like(value)
-        for index in np.ndindex(value.shape):
-            step = np.zeros_like(value)
-            step[index] = 1e-6
-            numeric[index] = (loss({**params, name: value + step}) - loss({**params, name: value - step})) / 2e-6
-        np.testing.assert_allclose(grads[name], numeric, rtol=1e-4, atol=1e-7, err_msg=name)
+    assert_gradients_match(program, feed, ("wq", "bq", "wk", "wv", "wo", "w1", "b1", "w2"), probes,
+                           rtol=1e-4, atol=1e-7)
 
 
 def test_token_rows_are_augmented_by_drawing_real_positions_from_the_table():
